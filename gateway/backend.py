@@ -1,0 +1,227 @@
+"""A leased Postgres backend inside a gateway worker, and the router of its replies.
+
+The worker writes client messages (sometimes rewritten, sometimes with messages of
+its own injected) to the backend. Every message that will be answered pushes an
+``Expect`` on the link's queue, so that each reply can be matched to what caused
+it: replies to pgfleet's own messages are swallowed, replies pgfleet answers
+itself (``synth``) are emitted in their place in the stream, and after an error
+in the extended protocol everything up to Sync is dropped, as Postgres does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from pgwire import sqlstate
+from pgwire.backend import decode_backend
+from pgwire.errors import ProtocolViolation, error_response
+from pgwire.framing import MessageFramer
+
+if TYPE_CHECKING:
+    from .session import Session
+
+# Reply kinds.
+K_PARSE, K_BIND, K_DESC_S, K_DESC_P, K_EXEC, K_CLOSE, K_SYNC, K_QUERY, K_SYNTH = range(9)
+
+_ASYNC = frozenset(b"NSA")  # NoticeResponse, ParameterStatus, NotificationResponse
+_EXEC_END = frozenset(b"CIs")  # CommandComplete, EmptyQueryResponse, PortalSuspended
+_END_BYTE = {K_PARSE: ord("1"), K_BIND: ord("2"), K_CLOSE: ord("3")}
+E, Z, T, n_ = ord("E"), ord("Z"), ord("T"), ord("n")
+
+
+class Expect:
+    __slots__ = ("kind", "swallow", "on_done", "synth")
+
+    def __init__(
+        self,
+        kind: int,
+        swallow: bool = False,
+        on_done: Callable[[bool], None] | None = None,
+        synth: bytes | None = None,
+    ) -> None:
+        self.kind = kind
+        self.swallow = swallow
+        self.on_done = on_done
+        self.synth = synth
+
+
+class BackendLink(asyncio.Protocol):
+    """One backend socket held by this worker, idle in the cache or serving a session."""
+
+    def __init__(self, lease: dict, key: tuple[str, str], manager) -> None:
+        self.id: int = lease["id"]
+        self.key = key
+        self.pid: int = lease["pid"]
+        self.secret: int = lease["secret"]
+        # GUC values the backend last reported (ParameterStatus), from its startup on.
+        self.reported: dict[str, str] = dict(lease.get("params") or {})
+        # Settings pgfleet replayed on it for sessions, relative to its defaults.
+        self.applied: dict[str, str] = dict(lease.get("applied") or {})
+        # Backend-side names of the statements prepared on it.
+        self.prepared: set[bytes] = {p.encode() for p in lease.get("prepared") or ()}
+        # Which session's unnamed statement the backend holds (identity of its Parse).
+        self.unnamed_of: object | None = None
+        self.manager = manager
+        self.transport: asyncio.Transport | None = None
+        self.framer = MessageFramer(frontend=False)
+        self.queue: deque[Expect] = deque()
+        self.session: Session | None = None
+        self.status = "I"
+        self.copy_in = False
+        self.dead = False
+        self.draining = False
+        self.fatal: bytes | None = None
+        self.idle_since = 0.0
+        self.needs_reset = False
+        self.released = False
+        self.drain_rollbacks = 0
+        self.drain_timer: asyncio.TimerHandle | None = None
+        # Error fields of the last failed message pgfleet itself sent (replayed settings).
+        self.last_error: dict[str, str] | None = None
+        # Someone waiting for the reply queue to empty while no session is attached.
+        self.idle_waiter: asyncio.Future | None = None
+        self._out: list[bytes] = []
+        self._client_out: list[bytes] = []
+
+    # -- transport --------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.dead = True
+        self.transport = None
+        w = self.idle_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+        if self.session is not None:
+            self.session.backend_lost(self)
+        else:
+            self.manager.link_lost(self)
+
+    def write(self, raw: bytes) -> None:
+        self._out.append(raw)
+
+    def flush(self) -> None:
+        if self._out and self.transport is not None and not self.dead:
+            out = self._out
+            self._out = []
+            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+
+    def expect(self, kind: int, swallow: bool = False, on_done=None) -> None:
+        self.queue.append(Expect(kind, swallow, on_done))
+
+    def push_synth(self, data: bytes, on_done=None) -> None:
+        """Queue a reply pgfleet makes itself, to go out after everything before it."""
+        if not self.queue:
+            if self.session is not None:
+                self.session.write_client(data)
+            if on_done is not None:
+                on_done(True)
+        else:
+            self.queue.append(Expect(K_SYNTH, False, on_done, data))
+
+    def close(self) -> None:
+        self.dead = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- replies ----------------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        framer = self.framer
+        framer.feed(data)
+        out = self._client_out
+        try:
+            while True:
+                m = framer.next_message()
+                if m is None:
+                    break
+                self._route(m[0], m[1], m[2], out)
+        except ProtocolViolation:
+            self.dead = True
+            self.fatal = error_response(
+                "FATAL", sqlstate.PROTOCOL_VIOLATION, "invalid message from the server"
+            )
+            self.transport.close()
+        session = self.session
+        if out:
+            self._client_out = []
+            if session is not None and not self.draining:
+                session.write_client(b"".join(out))
+        if session is not None:
+            session.backend_progress(self)
+        elif self.draining:
+            self.manager.drain_progress(self)
+        elif self.idle_waiter is not None:
+            if (not self.queue or self.dead) and not self.idle_waiter.done():
+                self.idle_waiter.set_result(None)
+        elif self.fatal is not None or self.dead:
+            self.manager.link_lost(self)
+
+    def _route(self, mtype: int, payload: bytes, raw: bytes, out: list[bytes]) -> None:
+        queue = self.queue
+        head = queue[0] if queue else None
+        if mtype in _ASYNC:
+            if mtype == 0x53:
+                name, _, rest = payload.partition(b"\x00")
+                self.reported[name.decode("utf-8", "replace")] = rest[:-1].decode(
+                    "utf-8", "replace"
+                )
+            if head is None or not head.swallow:
+                out.append(raw)
+            return
+        if head is None:
+            # Nothing was asked: only a FATAL error (shutdown, termination) comes unasked.
+            if mtype == E:
+                self.fatal = raw
+                self.dead = True
+            return
+        kind = head.kind
+        if mtype == E:
+            out.append(raw)
+            self.copy_in = False
+            if head.swallow:
+                self.last_error = decode_backend(mtype, payload).fields
+            if kind == K_QUERY:
+                head.on_done and head.on_done(False)
+                head.on_done = None
+                return
+            # Extended protocol: the failed message and the rest up to Sync get no reply.
+            while queue and queue[0].kind != K_SYNC:
+                e = queue.popleft()
+                if e.on_done is not None:
+                    e.on_done(False)
+            return
+        if not head.swallow:
+            out.append(raw)
+        done = False
+        if mtype == Z:
+            self.status = chr(payload[0])
+            self.copy_in = False
+            done = kind in (K_SYNC, K_QUERY)
+        elif kind == K_EXEC or kind == K_QUERY:
+            if mtype in _EXEC_END:
+                self.copy_in = False
+                done = kind == K_EXEC
+            elif mtype == 0x47:  # CopyInResponse
+                self.copy_in = True
+        elif kind == K_DESC_S or kind == K_DESC_P:
+            done = mtype == T or mtype == n_
+        else:
+            done = _END_BYTE.get(kind) == mtype
+        if done:
+            queue.popleft()
+            if head.on_done is not None:
+                head.on_done(True)
+            while queue and queue[0].kind == K_SYNTH:
+                e = queue.popleft()
+                out.append(e.synth)
+                if e.on_done is not None:
+                    e.on_done(True)
+
+    # -- cancel -----------------------------------------------------------------------------
+    def cancel_request(self) -> bytes:
+        return struct.pack("!iiiI", 16, 80877102, self.pid, self.secret)

@@ -1,0 +1,261 @@
+"""The worker's backends: a small cache of leased links, and sessions waiting for one.
+
+A backend returned by a session stays leased to this worker for a little while,
+so the next transaction costs no IPC. Idle links go back to the pooler after
+``lease_idle_seconds`` or at once when the pooler asks (it has waiters it cannot
+serve). Every waiting session has exactly one lease request at the pooler, so the
+pooler's queue decides who is next across workers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from pgwire import frontend as fe
+
+from .backend import K_QUERY, K_SYNC, BackendLink
+
+if TYPE_CHECKING:
+    from .session import Session
+    from .worker import Worker
+
+Key = tuple[str, str]
+
+DRAIN_TIMEOUT = 10.0
+PRESSURE_SECONDS = 0.2
+
+
+class LeaseManager:
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.loop = worker.loop
+        self.idle: dict[Key, list[BackendLink]] = {}
+        self.waiters: dict[Key, deque[Session]] = {}
+        self.requests: dict[int, Key] = {}  # lease requests outstanding at the pooler
+        self.held: set[BackendLink] = set()  # every live link this worker holds
+        self._req_ids = itertools.count(1)
+        self.pressure_until = 0.0
+        self._sweeper = self.loop.call_later(0.5, self._sweep)
+
+    # -- sessions asking ---------------------------------------------------------------------
+    def acquire(self, key: Key, session: Session) -> BackendLink | None:
+        """A link for ``key`` now, or None and ``session.on_link`` is called later."""
+        links = self.idle.get(key)
+        while links:
+            link = links.pop()
+            if not link.dead:
+                return link
+        self.waiters.setdefault(key, deque()).append(session)
+        self._request(key)
+        return None
+
+    def cancel_wait(self, key: Key, session: Session) -> None:
+        q = self.waiters.get(key)
+        if q is None:
+            return
+        try:
+            q.remove(session)
+        except ValueError:
+            return
+        self._trim_requests(key)
+
+    def put_back(self, link: BackendLink, fresh: bool = False) -> None:
+        """A session is done with ``link`` (ReadyForQuery idle, nothing outstanding).
+
+        ``fresh`` links just arrived from the pooler for a lease request of ours, so
+        they go to a waiting session even when the pooler is asking for links back.
+        """
+        if link.dead:
+            self.discard(link)
+            return
+        if link.needs_reset:
+            self.release(link, "dirty")
+            return
+        q = self.waiters.get(link.key)
+        pressured = time.monotonic() < self.pressure_until
+        if q and (fresh or not pressured):
+            session = q.popleft()
+            if not fresh:
+                self._trim_requests(link.key)
+            session.on_link(link)
+            return
+        if pressured:
+            self.release(link, "clean")
+            return
+        link.idle_since = time.monotonic()
+        self.idle.setdefault(link.key, []).append(link)
+
+    def discard(self, link: BackendLink) -> None:
+        self.release(link, "dead")
+
+    # -- leaving sessions --------------------------------------------------------------------
+    def abandon(self, link: BackendLink, dirty: bool) -> None:
+        """The client left while holding ``link``: finish or roll back its work, then reuse."""
+        link.session = None
+        if link.dead:
+            self.discard(link)
+            return
+        if dirty:
+            link.needs_reset = True
+        if not link.queue and link.status == "I" and not link.copy_in:
+            self.put_back(link)
+            return
+        link.draining = True
+        link.drain_rollbacks = 0
+        if link.copy_in:
+            link.write(fe.encode_copy_fail("client disconnected"))
+        if _unsynced(link):
+            link.write(fe.SYNC)
+            link.expect(K_SYNC)
+        if link.queue:
+            # Stop whatever is still running rather than wait for it.
+            link.needs_reset = True
+            self.worker.send_cancel(link.pid, link.secret)
+        link.flush()
+        link.drain_timer = self.loop.call_later(DRAIN_TIMEOUT, self._drain_timeout, link)
+        self.drain_progress(link)
+
+    def drain_progress(self, link: BackendLink) -> None:
+        if link.dead:
+            self._end_drain(link)
+            self.discard(link)
+            return
+        if link.queue:
+            return
+        if link.status != "I":
+            if link.drain_rollbacks >= 3:
+                self._end_drain(link)
+                link.close()
+                self.discard(link)
+                return
+            link.drain_rollbacks += 1
+            link.expect(K_QUERY, swallow=True)
+            link.write(fe.encode_query("ROLLBACK"))
+            link.flush()
+            return
+        self._end_drain(link)
+        self.put_back(link)
+
+    def _end_drain(self, link: BackendLink) -> None:
+        link.draining = False
+        t = link.drain_timer
+        if t is not None:
+            t.cancel()
+            link.drain_timer = None
+
+    def _drain_timeout(self, link: BackendLink) -> None:
+        link.drain_timer = None
+        if link.draining:
+            link.draining = False
+            link.close()
+            self.discard(link)
+
+    # -- the pooler side ---------------------------------------------------------------------
+    def _request(self, key: Key) -> None:
+        rid = next(self._req_ids)
+        self.requests[rid] = key
+        self.worker.pooler.send({"op": "lease", "req": rid, "db": key[0], "user": key[1]})
+
+    def _trim_requests(self, key: Key) -> None:
+        """Withdraw lease requests that no waiting session needs any more."""
+        want = len(self.waiters.get(key) or ())
+        mine = [rid for rid, k in self.requests.items() if k == key]
+        for rid in mine[want:]:
+            del self.requests[rid]
+            self.worker.pooler.send({"op": "cancel_lease", "req": rid})
+
+    def on_leased(self, msg: dict, fds: list[int]) -> None:
+        key = self.requests.pop(int(msg["req"]), None)
+        if key is None:
+            key = (str(msg.get("db", "")), str(msg.get("user", "")))
+        if not fds:
+            return
+        self.loop.create_task(self._adopt(msg, fds[0], key))
+        for extra in fds[1:]:
+            os.close(extra)
+
+    async def _adopt(self, msg: dict, fd: int, key: Key) -> None:
+        sock = socket.socket(fileno=fd)
+        link = BackendLink(msg, key, self)
+        try:
+            await self.loop.create_unix_connection(lambda: link, sock=sock)
+        except Exception:
+            sock.close()
+            self.worker.pooler.send({"op": "release", "id": link.id, "state": "dead"})
+            if self.waiters.get(key):
+                self._request(key)
+            return
+        self.held.add(link)
+        self.put_back(link, fresh=True)
+
+    def on_lease_failed(self, msg: dict) -> None:
+        key = self.requests.pop(int(msg["req"]), None)
+        if key is None:
+            return
+        q = self.waiters.get(key)
+        if q:
+            q.popleft().on_lease_failed(msg.get("error") or {})
+
+    def reclaim(self) -> None:
+        """The pooler has waiters it cannot serve: give back what we hold idle."""
+        self.pressure_until = time.monotonic() + PRESSURE_SECONDS
+        for links in self.idle.values():
+            while links:
+                self.release(links.pop(), "clean")
+
+    def release(self, link: BackendLink, state: str) -> None:
+        """Give ``link`` back to the pooler and close our copy of its socket."""
+        if link in self.held:
+            self.held.discard(link)
+        else:
+            return
+        links = self.idle.get(link.key)
+        if links and link in links:
+            links.remove(link)
+        if link.dead and state != "dead":
+            state = "dead"
+        link.released = True
+        self.worker.pooler.send(
+            {
+                "op": "release",
+                "id": link.id,
+                "state": state,
+                "params": link.reported,
+                "applied": link.applied,
+                "prepared": sorted(p.decode() for p in link.prepared),
+            }
+        )
+        link.close()
+
+    def link_lost(self, link: BackendLink) -> None:
+        """A link we hold died on its own (backend exited, Postgres restarted)."""
+        if not link.released:
+            self.release(link, "dead")
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        limit = self.worker.cfg.lease_idle_seconds
+        for links in self.idle.values():
+            for link in [lk for lk in links if now - lk.idle_since > limit or lk.dead]:
+                self.release(link, "dead" if link.dead else "clean")
+        self._sweeper = self.loop.call_later(0.5, self._sweep)
+
+    def close_all(self) -> None:
+        self._sweeper.cancel()
+        for link in list(self.held):
+            self.release(link, "dirty")
+
+
+def _unsynced(link: BackendLink) -> bool:
+    """True if extended-protocol messages were sent after the last Sync."""
+    for e in reversed(link.queue):
+        if e.kind == K_SYNC:
+            return False
+        if e.kind != K_QUERY:
+            return True
+    return False

@@ -1,0 +1,275 @@
+"""Client login: the startup packet's parameters, authentication, and the first status report.
+
+Authentication checks the client against the real role's verifier from
+``pg_authid`` (fetched by the pooler), with the same SQLSTATEs and messages as
+Postgres. The ParameterStatus values reported to the client are the ones a real
+backend reports after the session's startup settings are applied to it, which
+also validates those settings exactly as Postgres would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import TYPE_CHECKING
+
+from pgwire import backend as be
+from pgwire import frontend as fe
+from pgwire import sqlstate
+from pgwire.auth import AuthFailed, ScramServer, md5_verify, parse_scram_verifier
+from pgwire.errors import ProtocolViolation
+
+from .startup_params import StartupParamError, session_settings
+
+if TYPE_CHECKING:
+    from .backend import BackendLink
+    from .session import Session
+
+PASSWORD_MSG = ord("p")
+TERMINATE = ord("X")
+
+
+class LoginFailed(Exception):
+    def __init__(self, code: str, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.detail = detail
+
+
+class Login:
+    """Drives one client's login; lives only until the session is ready or gone."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.worker = session.worker
+        self.loop = self.worker.loop
+        self.task: asyncio.Task | None = None
+        self._wakeup: asyncio.Future | None = None
+        self._link_fut: asyncio.Future | None = None
+        self.timer = self.loop.call_later(self.worker.cfg.auth_timeout, self._timed_out)
+
+    def abort(self) -> None:
+        self.timer.cancel()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        if self._link_fut is not None and not self._link_fut.done():
+            self._link_fut.cancel()
+
+    def _timed_out(self) -> None:
+        self.session.fatal(sqlstate.PROTOCOL_VIOLATION, "canceling authentication due to timeout")
+
+    def start(self, msg: fe.StartupMessage) -> None:
+        self.task = self.loop.create_task(self._run(msg))
+
+    def wake(self) -> None:
+        w = self._wakeup
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def _message(self) -> tuple[int, bytes]:
+        framer = self.session.framer
+        while True:
+            m = framer.next_message()
+            if m is not None:
+                return m[0], m[1]
+            self._wakeup = self.loop.create_future()
+            await self._wakeup
+
+    async def _password_message(self, expected: str) -> bytes:
+        mtype, payload = await self._message()
+        if mtype == TERMINATE:
+            raise asyncio.CancelledError
+        if mtype != PASSWORD_MSG:
+            raise LoginFailed(
+                sqlstate.PROTOCOL_VIOLATION, f"expected {expected}, got message type {mtype}"
+            )
+        return payload
+
+    # -- the login sequence -------------------------------------------------------------------
+    async def _run(self, msg: fe.StartupMessage) -> None:
+        s = self.session
+        try:
+            status = await self._login(msg)
+        except LoginFailed as exc:
+            s.fatal(exc.code, exc.message, exc.detail)
+            return
+        except ProtocolViolation as exc:
+            s.fatal(exc.sqlstate, exc.message)
+            return
+        except asyncio.CancelledError:
+            s.close()
+            return
+        except Exception as exc:  # the pooler vanished, etc.: fail this client only
+            s.fatal(sqlstate.CONNECTION_FAILURE, f"pgfleet could not log you in: {exc}")
+            return
+        self.timer.cancel()
+        if s.phase != 3:
+            s.ready(status)
+
+    async def _login(self, msg: fe.StartupMessage) -> dict[str, str]:
+        s = self.session
+        params = msg.params
+        minor = msg.protocol & 0xFFFF
+        unknown = [k for k in params if k.startswith("_pq_.")]
+        if minor > 0 or unknown:
+            s.write_client(be.encode_negotiate_protocol_version(0, unknown))
+        user = params.get("user", "")
+        if not user:
+            raise LoginFailed(
+                sqlstate.INVALID_AUTHORIZATION_SPECIFICATION,
+                "no PostgreSQL user name specified in startup packet",
+            )
+        database = params.get("database") or user
+        repl = params.get("replication")
+        if repl is not None and repl.lower() not in ("false", "off", "no", "0"):
+            raise LoginFailed(
+                sqlstate.FEATURE_NOT_SUPPORTED, "pgfleet does not accept replication connections"
+            )
+        try:
+            settings = session_settings(params)
+        except StartupParamError as exc:
+            raise LoginFailed(exc.sqlstate, exc.message) from None
+        s.user, s.database, s.key, s.settings = user, database, (database, user), settings
+
+        info = await self.worker.pooler.auth(user, database)
+        if "error" in info:
+            raise LoginFailed(sqlstate.CANNOT_CONNECT_NOW, str(info["error"]))
+        await self._authenticate(user, info)
+        s.write_client(be.encode_auth_ok())
+        if not info["can_login"]:
+            raise LoginFailed(
+                sqlstate.INVALID_AUTHORIZATION_SPECIFICATION,
+                f'role "{user}" is not permitted to log in',
+            )
+        if not info["db_exists"]:
+            raise LoginFailed(sqlstate.INVALID_CATALOG_NAME, f'database "{database}" does not exist')
+        if not info["db_allow_conn"]:
+            raise LoginFailed(
+                sqlstate.OBJECT_NOT_IN_PREREQUISITE_STATE,
+                f'database "{database}" is not currently accepting connections',
+            )
+        cache_key = self.worker.status_key(s.key, settings)
+        status = self.worker.status_cache.get(cache_key)
+        if status is None:
+            status = await self._probe_status()
+            self.worker.remember_status(cache_key, status)
+        return status
+
+    async def _authenticate(self, user: str, info: dict) -> None:
+        method = self.worker.cfg.auth
+        if method == "trust":
+            if not info["role_exists"]:
+                raise LoginFailed(
+                    sqlstate.INVALID_AUTHORIZATION_SPECIFICATION, f'role "{user}" does not exist'
+                )
+            return
+        stored = info["password"] if info["role_exists"] and not info["expired"] else None
+        ok = False
+        if method == "md5" and (stored is None or stored.startswith("md5")):
+            ok = await self._md5(user, stored)
+        else:
+            # Postgres uses SCRAM under "md5" too when the role has a SCRAM verifier.
+            ok = await self._scram(user, stored)
+        if not ok:
+            self.worker.pooler.invalidate(user)
+            raise LoginFailed(
+                sqlstate.INVALID_PASSWORD, f'password authentication failed for user "{user}"'
+            )
+
+    async def _md5(self, user: str, stored: str | None) -> bool:
+        salt = os.urandom(4)
+        self.session.write_client(be.encode_auth_md5(salt))
+        payload = await self._password_message("password message")
+        answer = fe.decode_password(payload)
+        return stored is not None and md5_verify(stored, salt, answer)
+
+    async def _scram(self, user: str, stored: str | None) -> bool:
+        verifier = parse_scram_verifier(stored) if stored else None
+        server = ScramServer(verifier, user)
+        self.session.write_client(be.encode_auth_sasl(["SCRAM-SHA-256"]))
+        payload = await self._password_message("SASL response")
+        mech, data = fe.decode_sasl_initial(payload)
+        if mech != "SCRAM-SHA-256":
+            raise LoginFailed(
+                sqlstate.PROTOCOL_VIOLATION,
+                "client selected an invalid SASL authentication mechanism",
+            )
+        try:
+            first = server.first(data)
+        except AuthFailed:
+            return False
+        self.session.write_client(be.encode_auth_sasl_continue(first))
+        payload = await self._password_message("SASL response")
+        try:
+            final = server.final(fe.decode_sasl_response(payload))
+        except AuthFailed:
+            return False
+        self.session.write_client(be.encode_auth_sasl_final(final))
+        return True
+
+    # -- the first status report ---------------------------------------------------------------
+    async def _probe_status(self) -> dict[str, str]:
+        """Apply the session's settings on a real backend and report what it reports."""
+        s = self.session
+        self._link_fut = self.loop.create_future()
+        s._request_backend()
+        link: BackendLink = await self._link_fut
+        ok_fut = self.loop.create_future()
+
+        def applied(ok: bool) -> None:
+            if not ok_fut.done():
+                ok_fut.set_result(ok)
+
+        try:
+            if not self.worker.apply_settings(link, s.settings, on_done=applied):
+                applied(True)
+            link.flush()
+            ok = await ok_fut
+            if not ok:
+                fields = link.last_error or {}
+                raise LoginFailed(
+                    fields.get("C", sqlstate.INVALID_PARAMETER_VALUE),
+                    fields.get("M", "invalid startup parameter"),
+                    fields.get("D"),
+                )
+            while link.queue and not link.dead:  # let the replay's ReadyForQuery arrive
+                link.idle_waiter = self.loop.create_future()
+                await link.idle_waiter
+            if link.dead:
+                raise LoginFailed(sqlstate.CONNECTION_FAILURE, "server closed the connection")
+            return dict(link.reported)
+        finally:
+            link.idle_waiter = None
+            if link.dead:
+                self.worker.leases.discard(link)
+            else:
+                self.worker.leases.put_back(link)
+
+    def on_link(self, link: BackendLink) -> None:
+        fut = self._link_fut
+        if fut is None or fut.done():
+            self.worker.leases.put_back(link)
+        else:
+            fut.set_result(link)
+
+    def on_lease_failed(self, fields: dict[str, str]) -> None:
+        fut = self._link_fut
+        if fut is not None and not fut.done():
+            fut.set_exception(
+                LoginFailed(
+                    fields.get("C", sqlstate.CONNECTION_FAILURE),
+                    fields.get("M", "could not open a backend"),
+                    fields.get("D"),
+                )
+            )
+
+    def on_wait_timeout(self) -> None:
+        fut = self._link_fut
+        if fut is not None and not fut.done():
+            fut.set_exception(
+                LoginFailed(
+                    sqlstate.CANNOT_CONNECT_NOW,
+                    "no backend became free within query_wait_timeout to start this session",
+                )
+            )

@@ -1,0 +1,513 @@
+"""One client connection on a gateway worker: startup, login, then the session proper.
+
+The session holds no backend while idle. Its first message needing one takes a
+backend (from the worker's cache or the pooler); at ReadyForQuery 'I' with nothing
+outstanding the backend goes back, unless the session made backend-local state,
+which pins it. Named prepared statements get backend names derived from their
+text, so they are re-prepared on whichever backend serves the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import struct
+from collections import deque
+from typing import TYPE_CHECKING
+
+from pgwire import backend as be
+from pgwire import frontend as fe
+from pgwire import sqlstate
+from pgwire.errors import ProtocolViolation, error_response
+from pgwire.framing import MessageFramer, StartupFramer
+
+from .backend import K_BIND, K_CLOSE, K_DESC_P, K_DESC_S, K_EXEC, K_PARSE, K_QUERY, K_SYNC
+from .classify import pin_reason
+from .login import Login
+
+if TYPE_CHECKING:
+    from .backend import BackendLink
+    from .worker import Worker
+
+STARTUP, AUTH, READY, CLOSED = range(4)
+
+Q, P, B, D, E, C, S, H, X, F = (ord(c) for c in "QPBDECSHXF")
+COPY_MSGS = frozenset(b"dcf")
+RFQ_IDLE = b"Z\x00\x00\x00\x05I"
+_HDR = struct.Struct("!BI")
+
+
+def _msg(mtype: int, payload: bytes) -> bytes:
+    return _HDR.pack(mtype, len(payload) + 4) + payload
+
+
+def _cstr_end(payload: bytes, start: int) -> int:
+    end = payload.find(b"\x00", start)
+    if end < 0:
+        raise ProtocolViolation("invalid string in message")
+    return end
+
+
+def backend_statement_name(body: bytes) -> bytes:
+    """A backend-side name for a Parse body (query + parameter types): same text, same name."""
+    return b"pgf_" + hashlib.blake2b(body, digest_size=8).hexdigest().encode()
+
+
+class Session(asyncio.Protocol):
+    """The asyncio protocol of one client connection."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.transport: asyncio.Transport | None = None
+        self.phase = STARTUP
+        self.startup_framer: StartupFramer | None = StartupFramer()
+        self.framer = MessageFramer(frontend=True)
+        self.login: Login | None = None
+        self.user = ""
+        self.database = ""
+        self.key: tuple[str, str] = ("", "")
+        # lower-cased setting name -> (name as given, value): replayed on every backend
+        self.settings: dict[str, tuple[str, str]] = {}
+        self.link: BackendLink | None = None
+        self.waiting = False
+        self.wait_timer: asyncio.TimerHandle | None = None
+        self.pending: deque[tuple[int, bytes, bytes]] = deque()
+        self.pins: set[str] = set()
+        # client statement name -> (backend name, Parse message under that name)
+        self.stmts: dict[bytes, tuple[bytes, bytes]] = {}
+        self.unnamed_parse: bytes | None = None
+        self.unnamed_token: object | None = None
+        self.skip_until_sync = False
+        self.slot = -1
+        self.client_pid = 0
+        self.client_secret = 0
+        self.paused_backend = False
+
+    # -- asyncio protocol -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.worker.sessions.add(self)
+        self.login = Login(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.phase = CLOSED
+        self.worker.sessions.discard(self)
+        if self.login is not None:
+            self.login.abort()
+            self.login = None
+        self._stop_waiting()
+        link = self.link
+        if link is not None:
+            self.link = None
+            self.worker.leases.abandon(link, dirty=bool(self.pins))
+        if self.slot >= 0:
+            self.worker.release_slot(self.slot)
+            self.slot = -1
+
+    def pause_writing(self) -> None:
+        # The client reads slower than the backend sends: stop reading the backend.
+        link = self.link
+        if link is not None and link.transport is not None:
+            link.transport.pause_reading()
+            self.paused_backend = True
+
+    def resume_writing(self) -> None:
+        if self.paused_backend:
+            self.paused_backend = False
+            link = self.link
+            if link is not None and link.transport is not None and not link.dead:
+                link.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            if self.phase == READY:
+                framer = self.framer
+                framer.feed(data)
+                while self.phase == READY:
+                    m = framer.next_message()
+                    if m is None:
+                        break
+                    self._on_message(m[0], m[1], m[2])
+                link = self.link
+                if link is not None:
+                    link.flush()
+                    self._maybe_release(link)
+            elif self.phase == STARTUP:
+                self._startup_data(data)
+            elif self.phase == AUTH:
+                self.framer.feed(data)
+                self.login.wake()
+        except ProtocolViolation as exc:
+            self.fatal(exc.sqlstate, exc.message)
+
+    # -- output -----------------------------------------------------------------------------
+    def write_client(self, data: bytes) -> None:
+        if self.transport is not None and self.phase != CLOSED:
+            self.transport.write(data)
+
+    def fatal(self, code: str, message: str, detail: str | None = None) -> None:
+        """Send a FATAL ErrorResponse and end this client (only this one)."""
+        if self.phase == CLOSED:
+            return
+        self.write_client(error_response("FATAL", code, message, detail))
+        self.close()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        if self.phase != CLOSED:
+            self.connection_lost(None)
+
+    # -- startup ----------------------------------------------------------------------------
+    def _startup_data(self, data: bytes) -> None:
+        sf = self.startup_framer
+        sf.feed(data)
+        while self.phase == STARTUP:
+            pkt = sf.next_packet()
+            if pkt is None:
+                return
+            msg = fe.decode_startup(pkt)
+            if isinstance(msg, fe.SSLRequest | fe.GSSENCRequest):
+                if sf.buffered() if hasattr(sf, "buffered") else False:
+                    raise ProtocolViolation("unexpected data after SSL/GSS negotiation request")
+                self.write_client(b"N")
+                continue
+            if isinstance(msg, fe.CancelRequest):
+                self.worker.cancel_client(msg.pid, msg.secret)
+                self.close()
+                return
+            rest = sf.remaining()
+            self.startup_framer = None
+            self.phase = AUTH
+            self.framer.feed(rest)
+            self.login.start(msg)
+
+    def ready(self, status: dict[str, str]) -> None:
+        """Login succeeded: report parameters, our cancel key, and ReadyForQuery."""
+        self.login = None
+        slot, pid, secret = self.worker.claim_slot()
+        self.slot, self.client_pid, self.client_secret = slot, pid, secret
+        out = [be.encode_parameter_status(k, v) for k, v in status.items()]
+        out.append(be.encode_backend_key_data(pid, secret))
+        out.append(RFQ_IDLE)
+        self.write_client(b"".join(out))
+        self.phase = READY
+        # A client may have pipelined messages behind its last login message.
+        self.data_received(b"")
+
+    # -- the session proper ------------------------------------------------------------------
+    def _on_message(self, mtype: int, payload: bytes, raw: bytes) -> None:
+        if mtype == X:
+            self.close()
+            return
+        if self.link is None:
+            if self.skip_until_sync and mtype != S and not self.pending:
+                return
+            if not self.pending:
+                if mtype == S:  # nothing outstanding, no transaction: answer it here
+                    self.skip_until_sync = False
+                    self.write_client(RFQ_IDLE)
+                    return
+                if mtype == H or mtype in COPY_MSGS:
+                    return  # Postgres ignores stray COPY messages outside COPY
+            self.pending.append((mtype, payload, raw))
+            if not self.waiting:
+                self._request_backend()
+            return
+        self._forward(self.link, mtype, payload, raw)
+
+    def _request_backend(self) -> None:
+        self.waiting = True
+        link = self.worker.leases.acquire(self.key, self)
+        if link is not None:
+            self.on_link(link)
+            return
+        timeout = self.worker.cfg.query_wait_timeout
+        if timeout > 0:
+            self.wait_timer = self.worker.loop.call_later(timeout, self._wait_timed_out)
+
+    def _stop_waiting(self) -> None:
+        if self.wait_timer is not None:
+            self.wait_timer.cancel()
+            self.wait_timer = None
+        if self.waiting:
+            self.waiting = False
+            self.worker.leases.cancel_wait(self.key, self)
+
+    def on_link(self, link: BackendLink) -> None:
+        """The lease manager hands us a backend (we were waiting for one)."""
+        if self.wait_timer is not None:
+            self.wait_timer.cancel()
+            self.wait_timer = None
+        self.waiting = False
+        if self.login is not None:
+            self.login.on_link(link)
+            return
+        self.attach(link)
+        pending = self.pending
+        while pending and self.link is link:
+            mtype, payload, raw = pending.popleft()
+            try:
+                self._forward(link, mtype, payload, raw)
+            except ProtocolViolation as exc:
+                self.fatal(exc.sqlstate, exc.message)
+                return
+            if self.phase == CLOSED:
+                return
+        link.flush()
+        self._maybe_release(link)
+
+    def attach(self, link: BackendLink) -> None:
+        self.link = link
+        link.session = self
+        if self.slot >= 0:
+            self.worker.cancel_table.set_backend(self.slot, link.pid, link.secret)
+        self.worker.apply_settings(link, self.settings)
+
+    def on_lease_failed(self, fields: dict[str, str]) -> None:
+        """The pooler could not open a backend for us (e.g. the database is gone)."""
+        self.waiting = False
+        if self.wait_timer is not None:
+            self.wait_timer.cancel()
+            self.wait_timer = None
+        if self.login is not None:
+            self.login.on_lease_failed(fields)
+            return
+        self._fail_pending(fields.get("C", sqlstate.CONNECTION_FAILURE), fields.get("M", ""))
+
+    def _wait_timed_out(self) -> None:
+        self.wait_timer = None
+        self._stop_waiting()
+        if self.login is not None:
+            self.login.on_wait_timeout()
+            return
+        t = self.worker.cfg.query_wait_timeout
+        self._fail_pending(
+            sqlstate.QUERY_CANCELED,
+            f"canceling statement due to query_wait_timeout: no backend became free in {t:g} s",
+        )
+
+    def _fail_pending(self, code: str, message: str) -> None:
+        """Answer messages that never reached a backend as Postgres answers failed ones."""
+        err = error_response("ERROR", code, message)
+        out: list[bytes] = []
+        failed = False
+        while self.pending:
+            mtype = self.pending.popleft()[0]
+            if mtype == Q or mtype == F:
+                out += (err, RFQ_IDLE)
+            elif mtype == S:
+                out.append(RFQ_IDLE)
+                failed = False
+            elif mtype in COPY_MSGS or mtype == H:
+                continue
+            elif not failed:
+                out.append(err)
+                failed = True
+        self.skip_until_sync = failed
+        self.write_client(b"".join(out))
+
+    def _maybe_release(self, link: BackendLink) -> None:
+        if (
+            self.link is link
+            and not self.pins
+            and not link.queue
+            and link.status == "I"
+            and not link.copy_in
+            and not self.pending
+            and not link.dead
+        ):
+            self.detach()
+            self.worker.leases.put_back(link)
+
+    def detach(self) -> None:
+        link = self.link
+        self.link = None
+        if link is not None:
+            link.session = None
+            if self.paused_backend and link.transport is not None:
+                link.transport.resume_reading()
+                self.paused_backend = False
+        if self.slot >= 0:
+            self.worker.cancel_table.set_backend(self.slot, 0, 0)
+
+    def backend_progress(self, link: BackendLink) -> None:
+        """Called after the backend's replies were routed to us."""
+        if link.dead:
+            self.backend_lost(link)
+            return
+        self._maybe_release(link)
+
+    def backend_lost(self, link: BackendLink) -> None:
+        """Our backend died under us: its transaction and session state are gone."""
+        if self.link is not link:
+            return
+        self.detach()
+        self.worker.leases.discard(link)
+        if link.fatal is not None:
+            self.write_client(link.fatal)
+            self.close()
+        else:
+            self.fatal(
+                sqlstate.CONNECTION_FAILURE,
+                "server closed the connection unexpectedly",
+                "The Postgres backend serving this session terminated abnormally.",
+            )
+
+    # -- forwarding --------------------------------------------------------------------------
+    def _forward(self, link: BackendLink, mtype: int, payload: bytes, raw: bytes) -> None:
+        if self.skip_until_sync and mtype != S:
+            return  # after an error Postgres ignores everything until Sync
+        if mtype == Q:
+            reason = pin_reason(payload[:-1])
+            if reason is not None:
+                self.pins.add(reason)
+            link.expect(K_QUERY)
+            link.write(raw)
+        elif mtype == P:
+            self._parse(link, payload, raw)
+        elif mtype == B:
+            pe = _cstr_end(payload, 0)
+            se = _cstr_end(payload, pe + 1)
+            name = payload[pe + 1 : se]
+            if name:
+                bname = self._backend_stmt(link, name)
+                if bname is None:
+                    return
+                raw = _msg(B, payload[: pe + 1] + bname + payload[se:])
+            else:
+                self._ensure_unnamed(link)
+            link.expect(K_BIND)
+            link.write(raw)
+        elif mtype == D:
+            kind = payload[:1]
+            if kind == b"S":
+                end = _cstr_end(payload, 1)
+                name = payload[1:end]
+                if name:
+                    bname = self._backend_stmt(link, name)
+                    if bname is None:
+                        return
+                    raw = _msg(D, b"S" + bname + b"\x00")
+                else:
+                    self._ensure_unnamed(link)
+                link.expect(K_DESC_S)
+            elif kind == b"P":
+                link.expect(K_DESC_P)
+            else:
+                raise ProtocolViolation(f"invalid DESCRIBE message subtype {payload[:1]!r}")
+            link.write(raw)
+        elif mtype == E:
+            link.expect(K_EXEC)
+            link.write(raw)
+        elif mtype == S:
+            self.skip_until_sync = False
+            link.expect(K_SYNC)
+            link.write(raw)
+        elif mtype == C:
+            kind = payload[:1]
+            end = _cstr_end(payload, 1)
+            name = payload[1:end]
+            if kind == b"S" and name:
+                # Other sessions may share the backend statement: only our name goes.
+                self.stmts.pop(name, None)
+                link.push_synth(be.CLOSE_COMPLETE)
+                return
+            if kind == b"S":
+                self.unnamed_parse = self.unnamed_token = None
+            elif kind != b"P":
+                raise ProtocolViolation(f"invalid CLOSE message subtype {payload[:1]!r}")
+            link.expect(K_CLOSE)
+            link.write(raw)
+        elif mtype == H or mtype in COPY_MSGS:
+            link.write(raw)
+        elif mtype == F:
+            self.pins.add("function_call")
+            link.expect(K_QUERY)
+            link.write(raw)
+        else:
+            raise ProtocolViolation(f"invalid frontend message type {mtype}")
+
+    def _parse(self, link: BackendLink, payload: bytes, raw: bytes) -> None:
+        ne = _cstr_end(payload, 0)
+        name = payload[:ne]
+        body = payload[ne + 1 :]
+        qe = _cstr_end(body, 0)
+        reason = pin_reason(body[:qe])
+        if reason is not None:
+            self.pins.add(reason)
+        if not name:
+            token = object()
+            self.unnamed_parse, self.unnamed_token = raw, token
+            link.unnamed_of = token
+
+            def parsed(ok: bool, link: BackendLink = link, token: object = token) -> None:
+                if not ok and link.unnamed_of is token:
+                    link.unnamed_of = None
+
+            link.expect(K_PARSE, on_done=parsed)
+            link.write(raw)
+            return
+        if name in self.stmts:
+            self._synth_error(
+                link,
+                sqlstate.DUPLICATE_PREPARED_STATEMENT,
+                f'prepared statement "{name.decode("utf-8", "replace")}" already exists',
+            )
+            return
+        bname = backend_statement_name(body)
+        entry = (bname, _msg(P, bname + b"\x00" + body))
+        self.stmts[name] = entry
+
+        def parsed_named(ok: bool, link: BackendLink = link) -> None:
+            if not ok:
+                link.prepared.discard(bname)
+                if self.stmts.get(name) is entry:
+                    del self.stmts[name]
+
+        if bname in link.prepared:
+            link.push_synth(be.PARSE_COMPLETE, on_done=parsed_named)
+        else:
+            link.prepared.add(bname)
+            link.expect(K_PARSE, on_done=parsed_named)
+            link.write(entry[1])
+
+    def _backend_stmt(self, link: BackendLink, name: bytes) -> bytes | None:
+        """Backend name for our statement ``name``, prepared there first if need be."""
+        entry = self.stmts.get(name)
+        if entry is None:
+            self._synth_error(
+                link,
+                sqlstate.UNDEFINED_PSTATEMENT,
+                f'prepared statement "{name.decode("utf-8", "replace")}" does not exist',
+            )
+            return None
+        bname, parse_raw = entry
+        if bname not in link.prepared:
+            link.prepared.add(bname)
+
+            def reparsed(ok: bool, link: BackendLink = link) -> None:
+                if not ok:
+                    link.prepared.discard(bname)
+
+            link.expect(K_PARSE, swallow=True, on_done=reparsed)
+            link.write(parse_raw)
+        return bname
+
+    def _ensure_unnamed(self, link: BackendLink) -> None:
+        """The unnamed statement outlives a Sync; re-parse it on a backend that lacks ours."""
+        token = self.unnamed_token
+        if token is None or link.unnamed_of is token:
+            return
+        link.unnamed_of = token
+
+        def reparsed(ok: bool, link: BackendLink = link) -> None:
+            if not ok and link.unnamed_of is token:
+                link.unnamed_of = None
+
+        link.expect(K_PARSE, swallow=True, on_done=reparsed)
+        link.write(self.unnamed_parse)
+
+    def _synth_error(self, link: BackendLink, code: str, message: str) -> None:
+        link.push_synth(error_response("ERROR", code, message))
+        self.skip_until_sync = True

@@ -1,0 +1,225 @@
+"""One gateway worker process: accepts clients on the shared socket and serves their sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import resource
+import signal
+import socket
+from collections import OrderedDict
+
+import uvloop
+
+from ipc.cancel_table import CancelTable, new_secret
+from ipc.channel import Channel, connect
+from pgwire import frontend as fe
+from pgwire.quoting import quote_guc_name, quote_literal
+from supervisor.config import Config
+
+from .backend import K_QUERY, BackendLink
+from .leases import LeaseManager
+from .session import Session
+
+log = logging.getLogger("pgfleet.gateway")
+
+STATUS_CACHE_SIZE = 1024
+
+
+class PoolerClient:
+    """The worker's end of the control channel to the pooler."""
+
+    def __init__(self, worker: Worker, channel: Channel) -> None:
+        self.worker = worker
+        self.channel = channel
+        self._ids = itertools.count(1)
+        self._calls: dict[int, asyncio.Future] = {}
+        channel.on_message = self.on_message
+        channel.on_close = self.on_close
+
+    def send(self, msg: dict) -> None:
+        self.channel.send(msg)
+
+    async def call(self, msg: dict, timeout: float = 60.0) -> dict:
+        rid = next(self._ids)
+        fut = self.worker.loop.create_future()
+        self._calls[rid] = fut
+        try:
+            self.send({**msg, "req": rid})
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._calls.pop(rid, None)
+
+    async def auth(self, user: str, database: str) -> dict:
+        return await self.call({"op": "auth", "user": user, "db": database})
+
+    def invalidate(self, user: str) -> None:
+        self.send({"op": "invalidate", "user": user})
+
+    def on_message(self, msg: dict, fds: list[int]) -> None:
+        op = msg.get("op")
+        leases = self.worker.leases
+        if op == "leased":
+            leases.on_leased(msg, fds)
+        elif op == "lease_failed":
+            leases.on_lease_failed(msg)
+        elif op == "reclaim":
+            leases.reclaim()
+        else:
+            fut = self._calls.get(msg.get("req"))
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+        for fd in fds if op != "leased" else ():
+            os.close(fd)
+
+    def on_close(self) -> None:
+        # Without the pooler we can neither lease nor release: exit and let the
+        # supervisor restart us against the new pooler.
+        log.error("lost the pooler connection; worker %d exits", self.worker.index)
+        os._exit(3)
+
+
+class Worker:
+    def __init__(self, cfg: Config, index: int, listen_sock: socket.socket) -> None:
+        self.cfg = cfg
+        self.index = index
+        self.listen_sock = listen_sock
+        self.loop = asyncio.get_event_loop()
+        self.sessions: set[Session] = set()
+        self.status_cache: OrderedDict[tuple, dict[str, str]] = OrderedDict()
+        self.cancel_table = CancelTable.attach(cfg.cancel_table_name)
+        self.slots = self.cancel_table.partition(index, cfg.workers)
+        self.cancel_table.reset_range(self.slots)
+        self.free_slots = list(reversed(self.slots))
+        self.leases: LeaseManager  # set in run()
+        self.pooler: PoolerClient
+
+    # -- cancel table -----------------------------------------------------------------------
+    def claim_slot(self) -> tuple[int, int, int]:
+        if not self.free_slots:
+            return -1, 0, new_secret()  # table full: this client just cannot cancel
+        slot = self.free_slots.pop()
+        secret = new_secret()
+        pid = self.cancel_table.claim(slot, secret)
+        return slot, pid, secret
+
+    def release_slot(self, slot: int) -> None:
+        self.cancel_table.release(slot)
+        self.free_slots.append(slot)
+
+    def cancel_client(self, client_pid: int, secret: int) -> None:
+        """A CancelRequest arrived: cancel whatever backend serves that client right now."""
+        target = self.cancel_table.lookup(client_pid, secret)
+        if target is not None:
+            self.send_cancel(*target)
+
+    def send_cancel(self, backend_pid: int, backend_secret: int) -> None:
+        self.loop.create_task(self._send_cancel(backend_pid, backend_secret))
+
+    async def _send_cancel(self, pid: int, secret: int) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await self.loop.sock_connect(sock, str(self.cfg.pg_socket_path))
+            await self.loop.sock_sendall(sock, fe.encode_cancel_request(pid, secret))
+            # Postgres closes the connection after reading the request.
+            await asyncio.wait_for(self.loop.sock_recv(sock, 1), 5.0)
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            sock.close()
+
+    # -- settings replay --------------------------------------------------------------------
+    def apply_settings(
+        self, link: BackendLink, settings: dict[str, tuple[str, str]], on_done=None
+    ) -> bool:
+        """Make ``link``'s settings the session's: one swallowed query with the difference.
+
+        Returns False if nothing had to be sent.
+        """
+        applied = link.applied
+        sets = [(given, v) for low, (given, v) in settings.items() if applied.get(low) != v]
+        resets = [low for low in applied if low not in settings]
+        if not sets and not resets:
+            return False
+        parts = [f"RESET {quote_guc_name(low)}" for low in resets]
+        if sets:
+            calls = ", ".join(
+                f"pg_catalog.set_config({quote_literal(g)}, {quote_literal(v)}, false)"
+                for g, v in sets
+            )
+            parts.append("SELECT " + calls)
+        before = dict(applied)
+        for low in resets:
+            del applied[low]
+        for low, (_, v) in settings.items():
+            applied[low] = v
+
+        def done(ok: bool) -> None:
+            if not ok:
+                link.applied = before
+            if on_done is not None:
+                on_done(ok)
+
+        link.expect(K_QUERY, swallow=True, on_done=done)
+        link.write(fe.encode_query("; ".join(parts)))
+        return True
+
+    @staticmethod
+    def status_key(key: tuple[str, str], settings: dict[str, tuple[str, str]]) -> tuple:
+        return (key, tuple(sorted((low, v) for low, (_, v) in settings.items())))
+
+    def remember_status(self, cache_key: tuple, status: dict[str, str]) -> None:
+        self.status_cache[cache_key] = status
+        if len(self.status_cache) > STATUS_CACHE_SIZE:
+            self.status_cache.popitem(last=False)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def run(self) -> None:
+        channel = None
+        for _ in range(100):
+            try:
+                channel = await connect(str(self.cfg.pooler_socket), lambda m, f: None, lambda: None)
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        if channel is None:
+            raise RuntimeError("could not reach the pooler")
+        self.pooler = PoolerClient(self, channel)
+        self.pooler.send({"op": "hello", "worker": self.index, "pid": os.getpid()})
+        self.leases = LeaseManager(self)
+        server = await self.loop.create_server(
+            lambda: Session(self), sock=self.listen_sock, backlog=4096
+        )
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        server.close()
+        for s in list(self.sessions):
+            s.fatal("57P01", "terminating connection due to administrator command")
+        self.leases.close_all()
+        await asyncio.sleep(0.05)
+
+
+def raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def main(cfg_dict: dict, index: int, listen_fd: int) -> None:
+    """Entry point of a worker process (forked by the supervisor)."""
+    cfg = Config.from_dict(cfg_dict)
+    from supervisor.logs import setup_logging
+
+    setup_logging(cfg.log_level, f"worker{index}")
+    raise_fd_limit()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    listen_sock = socket.socket(fileno=listen_fd)
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    worker = Worker(cfg, index, listen_sock)
+    loop.run_until_complete(worker.run())

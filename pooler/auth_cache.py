@@ -1,0 +1,89 @@
+"""Role and database facts the gateways need to log clients in, fetched from the catalogs.
+
+Cached per (user, database); a failed login invalidates the entry so that a new or
+changed role works without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from pgwire.quoting import quote_literal
+
+from .pool import LeaseRequest, PooledBackend, PoolManager
+
+ADMIN_KEY = ("postgres", "postgres")
+
+_LOOKUP_SQL = (
+    "SELECT r.rolpassword, r.rolcanlogin, "
+    "(r.rolvaliduntil IS NOT NULL AND r.rolvaliduntil < now()), "
+    "d.datallowconn, r.rolname IS NOT NULL, d.datname IS NOT NULL "
+    "FROM (SELECT 1) AS one "
+    "LEFT JOIN pg_catalog.pg_authid r ON r.rolname = {user} "
+    "LEFT JOIN pg_catalog.pg_database d ON d.datname = {db}"
+)
+
+
+def _bool(v: bytes | None) -> bool:
+    return v == b"t"
+
+
+class AuthCache:
+    def __init__(self, pool: PoolManager, ttl: float = 60.0) -> None:
+        self.pool = pool
+        self.ttl = ttl
+        self._entries: dict[tuple[str, str], tuple[float, dict]] = {}
+
+    def invalidate(self, user: str) -> None:
+        for k in [k for k in self._entries if k[0] == user]:
+            del self._entries[k]
+
+    async def lookup(self, user: str, database: str, refresh: bool = False) -> dict:
+        key = (user, database)
+        hit = self._entries.get(key)
+        now = time.monotonic()
+        if hit is not None and not refresh and now - hit[0] < self.ttl:
+            return hit[1]
+        info = await self._fetch(user, database)
+        if info["role_exists"] and info["db_exists"]:
+            self._entries[key] = (now, info)
+        return info
+
+    async def _fetch(self, user: str, database: str) -> dict:
+        loop = self.pool.loop
+        fut: asyncio.Future[PooledBackend] = loop.create_future()
+
+        def grant(b: PooledBackend) -> None:
+            if fut.done():
+                self.pool.release(b.id, "clean")
+            else:
+                fut.set_result(b)
+
+        def fail(fields: dict[str, str]) -> None:
+            if not fut.done():
+                fut.set_exception(RuntimeError(fields.get("M", "lookup failed")))
+
+        req = LeaseRequest(ADMIN_KEY, grant, fail, owner=self)
+        self.pool.request(req)
+        try:
+            b = await asyncio.wait_for(fut, 30.0)
+        except BaseException:
+            self.pool.cancel(req)
+            raise
+        state = "dead"
+        try:
+            sql = _LOOKUP_SQL.format(user=quote_literal(user), db=quote_literal(database))
+            rows = await b.conn.query(loop, sql)
+            state = "clean"
+        finally:
+            self.pool.release(b.id, state)
+        row = rows[0]
+        return {
+            "password": row[0].decode() if row[0] is not None else None,
+            "can_login": _bool(row[1]),
+            "expired": _bool(row[2]),
+            "db_allow_conn": _bool(row[3]),
+            "role_exists": _bool(row[4]),
+            "db_exists": _bool(row[5]),
+        }

@@ -1,0 +1,277 @@
+"""Backend bookkeeping of one Postgres instance: pools per (database, user) under one cap.
+
+This module decides which lease request gets which backend, when a backend is
+opened, reset or closed. It does no IPC itself: requests arrive as
+``LeaseRequest`` objects whose callbacks deliver the outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .connect import BackendConn, BackendError, open_backend
+
+log = logging.getLogger("pgfleet.pooler")
+
+Key = tuple[str, str]  # (database, user)
+
+RETRY_DELAY = 0.25
+
+
+@dataclass(eq=False)
+class PooledBackend:
+    id: int
+    key: Key
+    conn: BackendConn
+    state: str = "idle"  # idle | leased | resetting
+    owner: object | None = None
+    idle_since: float = field(default_factory=time.monotonic)
+    # What the last holder left on the backend, handed to the next one so it can
+    # replay only the difference: settings it SET and statements it prepared.
+    applied: dict[str, str] = field(default_factory=dict)
+    prepared: list[str] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class LeaseRequest:
+    """One wish for a backend of ``key``; exactly one of grant/fail is called, unless cancelled."""
+
+    key: Key
+    grant: Callable[[PooledBackend], None]
+    fail: Callable[[dict[str, str]], None]
+    owner: object | None = None
+    cancelled: bool = False
+
+
+class PoolManager:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        socket_path: str,
+        cap: int,
+        on_pressure: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.loop = loop
+        self.socket_path = socket_path
+        self.cap = cap
+        self.on_pressure = on_pressure
+        self.backends: dict[int, PooledBackend] = {}
+        self.opening = 0
+        self.waiters: deque[LeaseRequest] = deque()
+        self._ids = itertools.count(1)
+        self._last_pressure = 0.0
+        self.opened_total = 0
+        self.closed_total = 0
+
+    # -- accounting ---------------------------------------------------------------------------
+    def total(self) -> int:
+        return len(self.backends) + self.opening
+
+    def stats(self) -> dict[str, int]:
+        states = {"idle": 0, "leased": 0, "resetting": 0}
+        for b in self.backends.values():
+            states[b.state] += 1
+        return {
+            **states,
+            "opening": self.opening,
+            "waiting": len(self.waiters),
+            "opened_total": self.opened_total,
+            "closed_total": self.closed_total,
+        }
+
+    # -- requests -----------------------------------------------------------------------------
+    def request(self, req: LeaseRequest) -> None:
+        self.waiters.append(req)
+        self._pump()
+
+    def cancel(self, req: LeaseRequest) -> None:
+        req.cancelled = True
+        try:
+            self.waiters.remove(req)
+        except ValueError:
+            pass
+
+    def release(self, backend_id: int, state: str, carry: dict | None = None) -> None:
+        """A lease comes back: 'clean' (reusable as is), 'dirty' (needs a reset) or 'dead'.
+
+        ``carry`` holds what the holder knows of the backend's state now: its reported
+        parameters, the settings it applied and the statements prepared on it.
+        """
+        b = self.backends.get(backend_id)
+        if b is None or b.state != "leased":
+            return
+        b.owner = None
+        if carry:
+            b.conn.params = dict(carry.get("params") or b.conn.params)
+            b.applied = dict(carry.get("applied") or {})
+            b.prepared = list(carry.get("prepared") or ())
+        if state == "clean":
+            self._make_idle(b)
+        elif state == "dirty":
+            b.state = "resetting"
+            self.loop.create_task(self._reset(b))
+        else:
+            self._close(b)
+        self._pump()
+
+    def owner_gone(self, owner: object) -> None:
+        """A worker died or disconnected: its leases are in an unknown state, so close them."""
+        for b in [b for b in self.backends.values() if b.owner is owner]:
+            self._close(b)
+        for req in [r for r in self.waiters if r.owner is owner]:
+            self.cancel(req)
+        self._pump()
+
+    def close_all(self) -> None:
+        for b in list(self.backends.values()):
+            self._close(b)
+
+    # -- the scheduler ------------------------------------------------------------------------
+    def _pump(self) -> None:
+        """Serve waiters in arrival order while there is a backend or room for one."""
+        starved = False
+        for req in list(self.waiters):
+            if req.cancelled:
+                self._drop_waiter(req)
+                continue
+            b = self._idle_for(req.key)
+            if b is not None:
+                self._drop_waiter(req)
+                self._grant(b, req)
+                continue
+            if self.total() < self.cap or self._evict_idle(keep=req.key):
+                self._drop_waiter(req)
+                self._open_for(req)
+                continue
+            starved = True
+            break
+        if starved:
+            now = time.monotonic()
+            if now - self._last_pressure > 0.05:
+                self._last_pressure = now
+                self.on_pressure()
+
+    def _drop_waiter(self, req: LeaseRequest) -> None:
+        try:
+            self.waiters.remove(req)
+        except ValueError:
+            pass
+
+    def _idle_for(self, key: Key) -> PooledBackend | None:
+        best = None
+        for b in self.backends.values():
+            if b.state == "idle" and b.key == key and (best is None or b.idle_since > best.idle_since):
+                best = b
+        return best
+
+    def _evict_idle(self, keep: Key) -> bool:
+        """Close the longest-idle backend of another pool to make room; False if none."""
+        victim = None
+        for b in self.backends.values():
+            if b.state == "idle" and b.key != keep and (victim is None or b.idle_since < victim.idle_since):
+                victim = b
+        if victim is None:
+            return False
+        self._close(victim)
+        return True
+
+    def _grant(self, b: PooledBackend, req: LeaseRequest) -> None:
+        self.loop.remove_reader(b.conn.sock.fileno())
+        b.state = "leased"
+        b.owner = req.owner
+        try:
+            req.grant(b)
+        except Exception:
+            log.exception("lease grant failed; closing backend %s", b.id)
+            self._close(b)
+
+    def _open_for(self, req: LeaseRequest) -> None:
+        self.opening += 1
+        self.loop.create_task(self._open(req))
+
+    async def _open(self, req: LeaseRequest) -> None:
+        database, user = req.key
+        try:
+            conn = await open_backend(self.loop, self.socket_path, database, user)
+        except BackendError as exc:
+            self.opening -= 1
+            if req.cancelled:
+                pass
+            elif exc.transient:
+                # Postgres is down or starting: keep the request, try again shortly.
+                self.loop.call_later(RETRY_DELAY, self._retry, req)
+            else:
+                req.fail(exc.fields)
+            self._pump()
+            return
+        except Exception:
+            self.opening -= 1
+            log.exception("opening a backend failed")
+            self.loop.call_later(RETRY_DELAY, self._retry, req)
+            return
+        self.opening -= 1
+        self.opened_total += 1
+        b = PooledBackend(next(self._ids), req.key, conn, state="resetting")
+        self.backends[b.id] = b
+        if req.cancelled:
+            self._make_idle(b)
+            self._pump()
+        else:
+            self._grant(b, req)
+
+    def _retry(self, req: LeaseRequest) -> None:
+        if not req.cancelled:
+            self.waiters.appendleft(req)
+            self._pump()
+
+    async def _reset(self, b: PooledBackend) -> None:
+        b.applied, b.prepared = {}, []
+        try:
+            await b.conn.query(self.loop, "DISCARD ALL")
+        except (BackendError, OSError):
+            self._close(b)
+            self._pump()
+            return
+        if b.id in self.backends:
+            self._make_idle(b)
+            self._pump()
+
+    def _make_idle(self, b: PooledBackend) -> None:
+        b.state = "idle"
+        b.idle_since = time.monotonic()
+        self.loop.add_reader(b.conn.sock.fileno(), self._idle_readable, b)
+
+    def _idle_readable(self, b: PooledBackend) -> None:
+        """An idle backend should say nothing; data or EOF means it is going away."""
+        try:
+            data = b.conn.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            log.info("idle backend %s (pid %s) sent unsolicited data; closing", b.id, b.conn.pid)
+        self._close(b)
+        self._pump()
+
+    def _close(self, b: PooledBackend) -> None:
+        if self.backends.pop(b.id, None) is None:
+            return
+        self.closed_total += 1
+        try:
+            self.loop.remove_reader(b.conn.sock.fileno())
+        except (ValueError, OSError):
+            pass
+        if b.state != "leased":
+            try:
+                b.conn.sock.sendall(b"X\x00\x00\x00\x04")
+            except OSError:
+                pass
+        b.conn.close()

@@ -1,0 +1,156 @@
+"""The pooler process: serves lease/release/auth requests from gateway workers over IPC."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+import uvloop
+
+from ipc.channel import Channel, ChannelServer, serve
+from supervisor.config import Config
+
+from .auth_cache import AuthCache
+from .pool import LeaseRequest, PooledBackend, PoolManager
+
+log = logging.getLogger("pgfleet.pooler")
+
+
+class WorkerLink:
+    """One connected gateway worker and the lease requests it has outstanding."""
+
+    def __init__(self, pooler: Pooler, channel: Channel) -> None:
+        self.pooler = pooler
+        self.index = -1
+        self.pending: dict[int, LeaseRequest] = {}
+        self.channel = channel
+
+    def on_message(self, msg: dict, fds: list[int]) -> None:
+        for fd in fds:  # workers never send us descriptors
+            os.close(fd)
+        op = msg.get("op")
+        handler = getattr(self, "op_" + str(op), None)
+        if handler is None:
+            log.warning("unknown IPC op %r from worker %s", op, self.index)
+            return
+        handler(msg)
+
+    def on_close(self) -> None:
+        pool = self.pooler.pool
+        for req in self.pending.values():
+            pool.cancel(req)
+        self.pending.clear()
+        pool.owner_gone(self)
+        self.pooler.links.discard(self)
+
+    # -- ops ----------------------------------------------------------------------------------
+    def op_hello(self, msg: dict) -> None:
+        self.index = int(msg.get("worker", -1))
+
+    def op_lease(self, msg: dict) -> None:
+        rid = int(msg["req"])
+        key = (str(msg["db"]), str(msg["user"]))
+
+        def grant(b: PooledBackend) -> None:
+            self.pending.pop(rid, None)
+            self.channel.send(
+                {
+                    "op": "leased",
+                    "req": rid,
+                    "id": b.id,
+                    "db": b.key[0],
+                    "user": b.key[1],
+                    "pid": b.conn.pid,
+                    "secret": b.conn.secret,
+                    "params": b.conn.params,
+                    "applied": b.applied,
+                    "prepared": b.prepared,
+                },
+                [b.conn.sock.fileno()],
+            )
+
+        def fail(fields: dict[str, str]) -> None:
+            self.pending.pop(rid, None)
+            self.channel.send({"op": "lease_failed", "req": rid, "error": fields})
+
+        req = LeaseRequest(key, grant, fail, owner=self)
+        self.pending[rid] = req
+        self.pooler.pool.request(req)
+
+    def op_cancel_lease(self, msg: dict) -> None:
+        req = self.pending.pop(int(msg["req"]), None)
+        if req is not None:
+            self.pooler.pool.cancel(req)
+
+    def op_release(self, msg: dict) -> None:
+        self.pooler.pool.release(int(msg["id"]), str(msg.get("state", "dead")), msg)
+
+    def op_auth(self, msg: dict) -> None:
+        self.pooler.loop.create_task(self._auth(msg))
+
+    async def _auth(self, msg: dict) -> None:
+        rid = int(msg["req"])
+        try:
+            info = await self.pooler.auth.lookup(
+                str(msg["user"]), str(msg["db"]), bool(msg.get("refresh"))
+            )
+            reply = {"op": "auth_info", "req": rid, **info}
+        except Exception as exc:  # Postgres unreachable for too long, etc.
+            reply = {"op": "auth_info", "req": rid, "error": str(exc)}
+        if not self.channel.closed:
+            self.channel.send(reply)
+
+    def op_invalidate(self, msg: dict) -> None:
+        self.pooler.auth.invalidate(str(msg["user"]))
+
+    def op_stats(self, msg: dict) -> None:
+        self.channel.send({"op": "stats", "req": msg.get("req"), **self.pooler.pool.stats()})
+
+
+class Pooler:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.loop = asyncio.get_event_loop()
+        self.pool = PoolManager(
+            self.loop, str(cfg.pg_socket_path), cfg.pool_size, on_pressure=self.reclaim
+        )
+        self.auth = AuthCache(self.pool)
+        self.links: set[WorkerLink] = set()
+        self.server: ChannelServer | None = None
+
+    def reclaim(self) -> None:
+        """Ask every worker to give back the leases it holds idle."""
+        for link in list(self.links):
+            if not link.channel.closed:
+                link.channel.send({"op": "reclaim"})
+
+    def accept(self, channel: Channel) -> tuple:
+        link = WorkerLink(self, channel)
+        self.links.add(link)
+        return link.on_message, link.on_close
+
+    async def run(self) -> None:
+        self.cfg.ipc_dir.mkdir(parents=True, exist_ok=True)
+        self.server = await serve(str(self.cfg.pooler_socket), self.accept)
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        self.server.close()
+        for link in list(self.links):
+            link.channel.close()
+        self.pool.close_all()
+
+
+def main(cfg_dict: dict) -> None:
+    """Entry point of the pooler process (forked by the supervisor)."""
+    cfg = Config.from_dict(cfg_dict)
+    from supervisor.logs import setup_logging
+
+    setup_logging(cfg.log_level, "pooler")
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    pooler = Pooler(cfg)
+    loop.run_until_complete(pooler.run())

@@ -1,0 +1,93 @@
+"""The ``pgfleet`` command line."""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+
+import typer
+
+from .config import Config
+from .logs import setup_logging
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="pgfleet: a drop-in Postgres gateway and connection pooler.",
+)
+
+
+class AuthMethod(StrEnum):
+    scram = "scram"
+    md5 = "md5"
+    trust = "trust"
+
+
+class LogLevel(StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+@app.command()
+def up(
+    home: Path = typer.Option(
+        Path(".pgfleet"), help="Home dir: Postgres data, sockets, logs and the password file."
+    ),
+    host: str = typer.Option("127.0.0.1", help="Address the gateway listens on."),
+    port: int = typer.Option(15432, help="TCP port clients connect to."),
+    workers: int = typer.Option(
+        os.cpu_count() or 1, help="Gateway worker processes (default: one per CPU)."
+    ),
+    pool_size: int = typer.Option(
+        20, help="Real Postgres connections per instance, shared by all clients."
+    ),
+    password: str | None = typer.Option(
+        None,
+        help="Password of the 'postgres' superuser, set on first run "
+        "(default: generated and kept in HOME/password).",
+    ),
+    auth: AuthMethod = typer.Option(
+        AuthMethod.scram, help="Client authentication: scram (SCRAM-SHA-256), md5 or trust."
+    ),
+    query_wait_timeout: float = typer.Option(
+        30.0, help="Seconds a query may wait for a free backend before it fails (0: forever)."
+    ),
+    auth_timeout: float = typer.Option(
+        60.0, help="Seconds a client has to finish logging in (like authentication_timeout)."
+    ),
+    log_level: LogLevel = typer.Option(LogLevel.info, help="How much to log on stderr."),
+) -> None:
+    """Start Postgres (initialising it on first run), the pooler and the gateway workers,
+    and run in the foreground until Ctrl-C or SIGTERM."""
+    from .tree import run_up
+
+    if workers < 1 or pool_size < 1:
+        raise typer.BadParameter("--workers and --pool-size must be at least 1")
+    setup_logging(log_level.value, "supervisor")
+    cfg = Config(
+        home=home,
+        host=host,
+        port=port,
+        workers=workers,
+        pool_size=pool_size,
+        auth=auth.value,
+        query_wait_timeout=query_wait_timeout,
+        auth_timeout=auth_timeout,
+        log_level=log_level.value,
+    )
+    raise typer.Exit(run_up(cfg, password))
+
+
+@app.command()
+def version() -> None:
+    """Print pgfleet's version."""
+    from importlib.metadata import version as v
+
+    typer.echo(v("pgfleet"))
+
+
+def main() -> None:
+    app()

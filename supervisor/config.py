@@ -1,0 +1,73 @@
+"""The settings every pgfleet process shares, and where things live under the home dir."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+AUTH_METHODS = ("scram", "md5", "trust")
+
+
+@dataclass
+class Config:
+    home: Path = field(default_factory=lambda: Path(".pgfleet"))
+    host: str = "127.0.0.1"
+    port: int = 15432
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    pool_size: int = 20
+    auth: str = "scram"
+    query_wait_timeout: float = 30.0
+    auth_timeout: float = 60.0
+    log_level: str = "info"
+    pg_port: int = 5432
+    # How long a worker keeps an idle leased backend before giving it back to the pooler.
+    lease_idle_seconds: float = 2.0
+    # Client cancel-table capacity across all workers.
+    max_clients: int = 65536
+
+    def __post_init__(self) -> None:
+        self.home = Path(self.home).absolute()
+
+    @property
+    def pg_socket_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def pg_socket_path(self) -> Path:
+        return self.pg_socket_dir / f".s.PGSQL.{self.pg_port}"
+
+    @property
+    def ipc_dir(self) -> Path:
+        return self.home / "ipc"
+
+    @property
+    def pooler_socket(self) -> Path:
+        return self.ipc_dir / "pooler.sock"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "log"
+
+    @property
+    def password_file(self) -> Path:
+        return self.home / "password"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.home / "pgfleet.lock"
+
+    @property
+    def cancel_table_name(self) -> str:
+        digest = hashlib.sha1(str(self.home).encode()).hexdigest()[:12]
+        return f"/pgfleet-cancel-{digest}"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["home"] = str(self.home)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Config:
+        return cls(**d)
