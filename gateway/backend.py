@@ -35,11 +35,12 @@ E, Z, T, n_ = ord("E"), ord("Z"), ord("T"), ord("n")
 
 class Expect:
     __slots__ = ("kind", "swallow", "on_done", "synth")
+    # swallow: 0 = forward replies, 1 = drop them but forward errors, 2 = drop errors too
 
     def __init__(
         self,
         kind: int,
-        swallow: bool = False,
+        swallow: int = 0,
         on_done: Callable[[bool], None] | None = None,
         synth: bytes | None = None,
     ) -> None:
@@ -111,7 +112,7 @@ class BackendLink(asyncio.Protocol):
             self._out = []
             self.transport.write(b"".join(out) if len(out) > 1 else out[0])
 
-    def expect(self, kind: int, swallow: bool = False, on_done=None) -> None:
+    def expect(self, kind: int, swallow: int = 0, on_done=None) -> None:
         self.queue.append(Expect(kind, swallow, on_done))
 
     def push_synth(self, data: bytes, on_done=None) -> None:
@@ -181,7 +182,8 @@ class BackendLink(asyncio.Protocol):
             return
         kind = head.kind
         if mtype == E:
-            out.append(raw)
+            if head.swallow != 2:
+                out.append(raw)
             self.copy_in = False
             if head.swallow:
                 self.last_error = decode_backend(mtype, payload).fields

@@ -61,3 +61,27 @@ _PREFILTER = (b"set", b"prepare", b"listen", b"load", b"hold", b"temp", b"adviso
 
 def _maybe_stateful(low: bytes) -> bool:
     return any(word in low for word in _PREFILTER)
+
+
+_DROPS_STATEMENTS = re.compile(rb"(?:^|;)\s*(?:deallocate\s+(?:prepare\s+)?all|discard\s+all)\b")
+_RESETS_SETTINGS = re.compile(rb"(?:^|;)\s*(?:reset\b|discard\s+all\b)")
+
+
+def drops_statements(sql: bytes) -> bool:
+    """True if ``sql`` deallocates every prepared statement of the backend."""
+    low = sql.lower()
+    return (b"deallocate" in low or b"discard" in low) and (
+        _DROPS_STATEMENTS.search(_COMMENT_OR_STRING.sub(b" ", low)) is not None
+    )
+
+
+def resets_settings(sql: bytes) -> bool:
+    """True if ``sql`` puts settings back to their defaults (RESET, DISCARD ALL).
+
+    Postgres resets a setting to the value the client gave at startup; pgfleet's
+    replayed values are ordinary SETs, so they must be replayed again after this.
+    """
+    low = sql.lower()
+    return (b"reset" in low or b"discard" in low) and (
+        _RESETS_SETTINGS.search(_COMMENT_OR_STRING.sub(b" ", low)) is not None
+    )

@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 Key = tuple[str, str]
 
 DRAIN_TIMEOUT = 10.0
-PRESSURE_SECONDS = 0.2
 
 
 class LeaseManager:
@@ -39,7 +38,12 @@ class LeaseManager:
         self.requests: dict[int, Key] = {}  # lease requests outstanding at the pooler
         self.held: set[BackendLink] = set()  # every live link this worker holds
         self._req_ids = itertools.count(1)
-        self.pressure_until = 0.0
+        # Backends the pooler asked us to give back (another worker is short).
+        self.debt = 0
+        # Lease requests and withdrawals are batched per key and sent once per loop turn.
+        self._to_request: dict[Key, list[int]] = {}
+        self._to_cancel: list[int] = []
+        self._flush_scheduled = False
         self._sweeper = self.loop.call_later(0.5, self._sweep)
 
     # -- sessions asking ---------------------------------------------------------------------
@@ -77,15 +81,15 @@ class LeaseManager:
             self.release(link, "dirty")
             return
         q = self.waiters.get(link.key)
-        pressured = time.monotonic() < self.pressure_until
-        if q and (fresh or not pressured):
+        if self.debt > 0 and not fresh:
+            self.debt -= 1
+            self.release(link, "clean")
+            return
+        if q:
             session = q.popleft()
             if not fresh:
                 self._trim_requests(link.key)
             session.on_link(link)
-            return
-        if pressured:
-            self.release(link, "clean")
             return
         link.idle_since = time.monotonic()
         self.idle.setdefault(link.key, []).append(link)
@@ -159,15 +163,39 @@ class LeaseManager:
     def _request(self, key: Key) -> None:
         rid = next(self._req_ids)
         self.requests[rid] = key
-        self.worker.pooler.send({"op": "lease", "req": rid, "db": key[0], "user": key[1]})
+        self._to_request.setdefault(key, []).append(rid)
+        self._schedule_flush()
 
     def _trim_requests(self, key: Key) -> None:
         """Withdraw lease requests that no waiting session needs any more."""
         want = len(self.waiters.get(key) or ())
         mine = [rid for rid, k in self.requests.items() if k == key]
+        if len(mine) <= want:
+            return
+        unsent = self._to_request.get(key) or []
         for rid in mine[want:]:
             del self.requests[rid]
-            self.worker.pooler.send({"op": "cancel_lease", "req": rid})
+            if rid in unsent:
+                unsent.remove(rid)
+            else:
+                self._to_cancel.append(rid)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush_requests)
+
+    def _flush_requests(self) -> None:
+        self._flush_scheduled = False
+        send = self.worker.pooler.send
+        if self._to_cancel:
+            send({"op": "cancel_lease", "reqs": self._to_cancel})
+            self._to_cancel = []
+        for key, rids in self._to_request.items():
+            if rids:
+                send({"op": "lease", "reqs": rids, "db": key[0], "user": key[1]})
+        self._to_request = {}
 
     def on_leased(self, msg: dict, fds: list[int]) -> None:
         key = self.requests.pop(int(msg["req"]), None)
@@ -201,12 +229,14 @@ class LeaseManager:
         if q:
             q.popleft().on_lease_failed(msg.get("error") or {})
 
-    def reclaim(self) -> None:
-        """The pooler has waiters it cannot serve: give back what we hold idle."""
-        self.pressure_until = time.monotonic() + PRESSURE_SECONDS
+    def reclaim(self, count: int) -> None:
+        """We hold ``count`` backends more than our fair share while another worker
+        waits: give back idle ones now and the rest as sessions finish with them."""
         for links in self.idle.values():
-            while links:
+            while links and count > 0:
                 self.release(links.pop(), "clean")
+                count -= 1
+        self.debt = count
 
     def release(self, link: BackendLink, state: str) -> None:
         """Give ``link`` back to the pooler and close our copy of its socket."""

@@ -22,7 +22,7 @@ from pgwire.errors import ProtocolViolation, error_response
 from pgwire.framing import MessageFramer, StartupFramer
 
 from .backend import K_BIND, K_CLOSE, K_DESC_P, K_DESC_S, K_EXEC, K_PARSE, K_QUERY, K_SYNC
-from .classify import pin_reason
+from .classify import drops_statements, pin_reason, resets_settings
 from .login import Login
 
 if TYPE_CHECKING:
@@ -359,11 +359,21 @@ class Session(asyncio.Protocol):
         if self.skip_until_sync and mtype != S:
             return  # after an error Postgres ignores everything until Sync
         if mtype == Q:
-            reason = pin_reason(payload[:-1])
+            sql = payload[:-1]
+            reason = pin_reason(sql)
             if reason is not None:
                 self.pins.add(reason)
             link.expect(K_QUERY)
             link.write(raw)
+            if drops_statements(sql):
+                # The backend loses every statement, ours and other sessions'.
+                self.stmts.clear()
+                self.unnamed_parse = self.unnamed_token = None
+                link.prepared.clear()
+                link.unnamed_of = None
+            if resets_settings(sql):
+                link.applied = {}
+                self.worker.apply_settings(link, self.settings, quiet=True)
         elif mtype == P:
             self._parse(link, payload, raw)
         elif mtype == B:

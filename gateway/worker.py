@@ -66,7 +66,7 @@ class PoolerClient:
         elif op == "lease_failed":
             leases.on_lease_failed(msg)
         elif op == "reclaim":
-            leases.reclaim()
+            leases.reclaim(int(msg.get("count", 1)))
         else:
             fut = self._calls.get(msg.get("req"))
             if fut is not None and not fut.done():
@@ -133,10 +133,16 @@ class Worker:
 
     # -- settings replay --------------------------------------------------------------------
     def apply_settings(
-        self, link: BackendLink, settings: dict[str, tuple[str, str]], on_done=None
+        self,
+        link: BackendLink,
+        settings: dict[str, tuple[str, str]],
+        on_done=None,
+        quiet: bool = False,
     ) -> bool:
         """Make ``link``'s settings the session's: one swallowed query with the difference.
 
+        ``quiet`` also swallows an error (re-applying after a client's RESET inside a
+        failed transaction); the settings are then applied again on next use.
         Returns False if nothing had to be sent.
         """
         applied = link.applied
@@ -163,7 +169,7 @@ class Worker:
             if on_done is not None:
                 on_done(ok)
 
-        link.expect(K_QUERY, swallow=True, on_done=done)
+        link.expect(K_QUERY, swallow=2 if quiet else 1, on_done=done)
         link.write(fe.encode_query("; ".join(parts)))
         return True
 

@@ -135,6 +135,8 @@ class MessageFramer:
 
     def feed(self, data: Data) -> None:
         """Append received bytes (any split: one byte or many messages)."""
+        if not data:
+            return
         buf = self._buf
         if type(buf) is bytearray:
             buf += data  # still completing a message that straddles feeds

@@ -56,7 +56,7 @@ class PoolManager:
         loop: asyncio.AbstractEventLoop,
         socket_path: str,
         cap: int,
-        on_pressure: Callable[[], None] = lambda: None,
+        on_pressure: Callable[[dict[object, int]], None] = lambda excess: None,
     ) -> None:
         self.loop = loop
         self.socket_path = socket_path
@@ -156,7 +156,28 @@ class PoolManager:
             now = time.monotonic()
             if now - self._last_pressure > 0.05:
                 self._last_pressure = now
-                self.on_pressure()
+                excess = self.excess_by_owner()
+                if excess:
+                    self.on_pressure(excess)
+
+    def excess_by_owner(self) -> dict[object, int]:
+        """How many backends each holder has beyond its max-min fair share of the cap.
+
+        A holder's demand is what it holds plus what it waits for; shares come from
+        water-filling the cap over those demands. Only holders above their share are
+        asked to give backends back, so a busy worker keeps its leases (and its
+        transactions cost no IPC) unless another one is short.
+        """
+        held: dict[object, int] = {}
+        for b in self.backends.values():
+            if b.state == "leased":
+                held[b.owner] = held.get(b.owner, 0) + 1
+        demand = dict(held)
+        for r in self.waiters:
+            if not r.cancelled:
+                demand[r.owner] = demand.get(r.owner, 0) + 1
+        share = water_fill(self.cap, demand)
+        return {o: h - share.get(o, 0) for o, h in held.items() if h > share.get(o, 0)}
 
     def _drop_waiter(self, req: LeaseRequest) -> None:
         try:
@@ -275,3 +296,24 @@ class PoolManager:
             except OSError:
                 pass
         b.conn.close()
+
+
+def water_fill(capacity: int, demand: dict[object, int]) -> dict[object, int]:
+    """Max-min fair integer shares of ``capacity``: nobody gets more than it asks for,
+    and what the small askers leave is split evenly among the rest."""
+    share = {k: 0 for k in demand}
+    left = capacity
+    active = sorted((d, i, k) for i, (k, d) in enumerate(demand.items()) if d > 0)
+    while active and left > 0:
+        each = left // len(active)
+        if each == 0:
+            for _, _, k in active[:left]:
+                share[k] += 1
+            break
+        d, _, k = active[0]
+        give = min(each, d - share[k])
+        for _, _, kk in active:
+            share[kk] += give
+        left -= give * len(active)
+        active = [(d, i, kk) for d, i, kk in active if share[kk] < d]
+    return share

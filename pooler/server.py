@@ -50,8 +50,11 @@ class WorkerLink:
         self.index = int(msg.get("worker", -1))
 
     def op_lease(self, msg: dict) -> None:
-        rid = int(msg["req"])
         key = (str(msg["db"]), str(msg["user"]))
+        for rid in msg["reqs"]:
+            self._lease(int(rid), key)
+
+    def _lease(self, rid: int, key: tuple[str, str]) -> None:
 
         def grant(b: PooledBackend) -> None:
             self.pending.pop(rid, None)
@@ -80,9 +83,10 @@ class WorkerLink:
         self.pooler.pool.request(req)
 
     def op_cancel_lease(self, msg: dict) -> None:
-        req = self.pending.pop(int(msg["req"]), None)
-        if req is not None:
-            self.pooler.pool.cancel(req)
+        for rid in msg["reqs"]:
+            req = self.pending.pop(int(rid), None)
+            if req is not None:
+                self.pooler.pool.cancel(req)
 
     def op_release(self, msg: dict) -> None:
         self.pooler.pool.release(int(msg["id"]), str(msg.get("state", "dead")), msg)
@@ -120,11 +124,11 @@ class Pooler:
         self.links: set[WorkerLink] = set()
         self.server: ChannelServer | None = None
 
-    def reclaim(self) -> None:
-        """Ask every worker to give back the leases it holds idle."""
-        for link in list(self.links):
-            if not link.channel.closed:
-                link.channel.send({"op": "reclaim"})
+    def reclaim(self, excess: dict[object, int]) -> None:
+        """Ask workers holding more than their fair share to give that many back."""
+        for owner, count in excess.items():
+            if isinstance(owner, WorkerLink) and not owner.channel.closed:
+                owner.channel.send({"op": "reclaim", "count": count})
 
     def accept(self, channel: Channel) -> tuple:
         link = WorkerLink(self, channel)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import multiprocess
 
+import pgwire.auth  # noqa: F401  (its mock-SCRAM secret is created here, shared by forks)
 from ipc.cancel_table import CancelTable
 
 from .config import Config
