@@ -33,6 +33,7 @@ STARTUP, AUTH, READY, CLOSED = range(4)
 
 Q, P, B, D, E, C, S, H, X, F = (ord(c) for c in "QPBDECSHXF")
 COPY_MSGS = frozenset(b"dcf")
+EXTENDED = frozenset(b"PBDECH")
 RFQ_IDLE = b"Z\x00\x00\x00\x05I"
 _HDR = struct.Struct("!BI")
 
@@ -78,6 +79,9 @@ class Session(asyncio.Protocol):
         self.unnamed_parse: bytes | None = None
         self.unnamed_token: object | None = None
         self.skip_until_sync = False
+        # Extended-protocol messages were sent since the last Sync: they form one
+        # implicit transaction and may leave an unnamed portal, so the backend stays.
+        self.unsynced = False
         self.slot = -1
         self.client_pid = 0
         self.client_secret = 0
@@ -315,6 +319,7 @@ class Session(asyncio.Protocol):
             and link.status == "I"
             and not link.copy_in
             and not self.pending
+            and not self.unsynced
             and not link.dead
         ):
             self.detach()
@@ -358,6 +363,8 @@ class Session(asyncio.Protocol):
     def _forward(self, link: BackendLink, mtype: int, payload: bytes, raw: bytes) -> None:
         if self.skip_until_sync and mtype != S:
             return  # after an error Postgres ignores everything until Sync
+        if mtype in EXTENDED:
+            self.unsynced = True
         if mtype == Q:
             sql = payload[:-1]
             reason = pin_reason(sql)
@@ -411,7 +418,7 @@ class Session(asyncio.Protocol):
             link.expect(K_EXEC)
             link.write(raw)
         elif mtype == S:
-            self.skip_until_sync = False
+            self.skip_until_sync = self.unsynced = False
             link.expect(K_SYNC)
             link.write(raw)
         elif mtype == C:

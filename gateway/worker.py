@@ -202,6 +202,7 @@ class Worker:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, stop.set)
+        self.cfg.worker_ready_file(self.index).touch()
         await stop.wait()
         server.close()
         for s in list(self.sessions):

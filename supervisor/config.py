@@ -46,6 +46,9 @@ class Config:
     def pooler_socket(self) -> Path:
         return self.ipc_dir / "pooler.sock"
 
+    def worker_ready_file(self, index: int) -> Path:
+        return self.ipc_dir / f"worker-{index}.ready"
+
     @property
     def log_dir(self) -> Path:
         return self.home / "log"

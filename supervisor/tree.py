@@ -155,13 +155,21 @@ class Supervisor:
             table = CancelTable.create(cfg.cancel_table_name, cfg.max_clients)
             listen = make_listen_socket(cfg.host, cfg.port)
             cfg_dict = cfg.to_dict()
+            cfg.ipc_dir.mkdir(parents=True, exist_ok=True)
+            for stale in cfg.ipc_dir.glob("worker-*.ready"):
+                stale.unlink()
             pooler = Child("pgfleet-pooler", _pooler_main, (cfg_dict,))
             self.children.append(pooler)
             pooler.start()
+            self._wait_for(lambda: cfg.pooler_socket.exists(), "the pooler")
             for i in range(cfg.workers):
                 w = Child(f"pgfleet-worker-{i}", _worker_main, (cfg_dict, i, listen.fileno()))
                 self.children.append(w)
                 w.start()
+            self._wait_for(
+                lambda: all(cfg.worker_ready_file(i).exists() for i in range(cfg.workers)),
+                "the gateway workers",
+            )
             self._banner(password)
             while not self.stopping:
                 self._check_children()
@@ -173,6 +181,17 @@ class Supervisor:
             watcher.stop()  # Postgres last
             lock.close()
         return 0
+
+    def _wait_for(self, ready, what: str, timeout: float = 60.0) -> None:
+        """Wait for a child to come up, so the banner means clients can be served."""
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if self.stopping:
+                raise SystemExit(0)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start within {timeout:.0f} s")
+            self._check_children()
+            time.sleep(0.05)
 
     def _banner(self, password: str) -> None:
         cfg = self.cfg
