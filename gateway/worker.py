@@ -200,8 +200,7 @@ class Worker:
             lambda: Session(self), sock=self.listen_sock, backlog=4096
         )
         stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self.loop.add_signal_handler(sig, stop.set)
+        self.loop.add_signal_handler(signal.SIGTERM, stop.set)
         self.cfg.worker_ready_file(self.index).touch()
         await stop.wait()
         server.close()

@@ -139,8 +139,10 @@ class Pooler:
         self.cfg.ipc_dir.mkdir(parents=True, exist_ok=True)
         self.server = await serve(str(self.cfg.pooler_socket), self.accept)
         stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self.loop.add_signal_handler(sig, stop.set)
+        # Ctrl-C reaches the whole process group; the supervisor decides the order of
+        # shutdown (workers first), so only its SIGTERM stops us.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self.loop.add_signal_handler(signal.SIGTERM, stop.set)
         await stop.wait()
         self.server.close()
         for link in list(self.links):

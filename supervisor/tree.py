@@ -36,15 +36,26 @@ class AlreadyRunningError(RuntimeError):
     pass
 
 
+def _set_comm(name: str) -> None:
+    """Name the process for ps/top (``ps -o comm``), so pooler and workers are told apart."""
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name[:15])
+    except OSError:
+        pass
+
+
 def _pooler_main(cfg_dict: dict) -> None:
     from pooler.server import main
 
+    _set_comm("pgfleet-pooler")
     main(cfg_dict)
 
 
 def _worker_main(cfg_dict: dict, index: int, fd: int) -> None:
     from gateway.worker import main
 
+    _set_comm(f"pgfleet-worker{index}")
     main(cfg_dict, index, fd)
 
 
