@@ -135,6 +135,22 @@ class Login:
         info = await self.worker.pooler.auth(user, database)
         if "error" in info:
             raise LoginFailed(sqlstate.CANNOT_CONNECT_NOW, str(info["error"]))
+        try:
+            await self._check(user, database, info)
+        except LoginFailed:
+            # What we know of this role may be stale: refetch it for the next login.
+            self.worker.pooler.invalidate(user)
+            raise
+        cache_key = self.worker.status_key(s.key, settings)
+        status = self.worker.status_cache.get(cache_key)
+        if status is None:
+            status = await self._probe_status()
+            self.worker.remember_status(cache_key, status)
+        return status
+
+    async def _check(self, user: str, database: str, info: dict) -> None:
+        """Authenticate, then the checks Postgres makes after authentication."""
+        s = self.session
         await self._authenticate(user, info)
         s.write_client(be.encode_auth_ok())
         if not info["can_login"]:
@@ -149,12 +165,6 @@ class Login:
                 sqlstate.OBJECT_NOT_IN_PREREQUISITE_STATE,
                 f'database "{database}" is not currently accepting connections',
             )
-        cache_key = self.worker.status_key(s.key, settings)
-        status = self.worker.status_cache.get(cache_key)
-        if status is None:
-            status = await self._probe_status()
-            self.worker.remember_status(cache_key, status)
-        return status
 
     async def _authenticate(self, user: str, info: dict) -> None:
         method = self.worker.cfg.auth
@@ -172,7 +182,6 @@ class Login:
             # Postgres uses SCRAM under "md5" too when the role has a SCRAM verifier.
             ok = await self._scram(user, stored)
         if not ok:
-            self.worker.pooler.invalidate(user)
             raise LoginFailed(
                 sqlstate.INVALID_PASSWORD, f'password authentication failed for user "{user}"'
             )

@@ -172,8 +172,9 @@ class Session(asyncio.Protocol):
                 return
             msg = fe.decode_startup(pkt)
             if isinstance(msg, fe.SSLRequest | fe.GSSENCRequest):
-                if sf.buffered() if hasattr(sf, "buffered") else False:
-                    raise ProtocolViolation("unexpected data after SSL/GSS negotiation request")
+                if sf.buffered():
+                    # Bytes sent before our answer would bypass the negotiation (CVE-2021-23214).
+                    raise ProtocolViolation("received unencrypted data after SSL request")
                 self.write_client(b"N")
                 continue
             if isinstance(msg, fe.CancelRequest):

@@ -45,14 +45,12 @@ def split_options(options: str) -> list[str]:
     return words
 
 
-def _name_value(arg: str) -> tuple[str, str]:
+def _name_value(arg: str, form: str) -> tuple[str, str]:
+    """Split ``name=value``; ``form`` is how the option was written (``-c`` or ``--``)."""
     name, eq, value = arg.partition("=")
     if not eq or not name:
-        if arg:
-            raise StartupParamError(
-                sqlstate.SYNTAX_ERROR, f'--{arg} requires a value'
-            )
-        raise StartupParamError(sqlstate.SYNTAX_ERROR, "invalid command-line argument")
+        shown = f"-c {arg}" if form == "-c" else f"--{arg}"
+        raise StartupParamError(sqlstate.SYNTAX_ERROR, f"{shown} requires a value")
     return name.replace("-", "_"), value
 
 
@@ -66,13 +64,13 @@ def parse_options(options: str) -> list[tuple[str, str]]:
         if w == "-c":
             if i + 1 >= len(words):
                 raise StartupParamError(sqlstate.SYNTAX_ERROR, "-c requires a value")
-            out.append(_name_value(words[i + 1]))
+            out.append(_name_value(words[i + 1], "-c"))
             i += 2
             continue
         if w.startswith("-c"):
-            out.append(_name_value(w[2:]))
+            out.append(_name_value(w[2:], "-c"))
         elif w.startswith("--"):
-            out.append(_name_value(w[2:]))
+            out.append(_name_value(w[2:], "--"))
         else:
             raise StartupParamError(
                 sqlstate.SYNTAX_ERROR,

@@ -1,7 +1,9 @@
 """Role and database facts the gateways need to log clients in, fetched from the catalogs.
 
-Cached per (user, database); a failed login invalidates the entry so that a new or
-changed role works without a restart.
+Cached per (user, database) for a few seconds, so that a burst of logins costs
+one catalog query; a refused login invalidates the entry at once, so that a new
+or changed role works without a restart. A password change or NOLOGIN can take
+up to ``ttl`` seconds to refuse a login that the old verifier still accepts.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def _bool(v: bytes | None) -> bool:
 
 
 class AuthCache:
-    def __init__(self, pool: PoolManager, ttl: float = 60.0) -> None:
+    def __init__(self, pool: PoolManager, ttl: float = 5.0) -> None:
         self.pool = pool
         self.ttl = ttl
         self._entries: dict[tuple[str, str], tuple[float, dict]] = {}
