@@ -230,13 +230,13 @@ class LeaseManager:
             q.popleft().on_lease_failed(msg.get("error") or {})
 
     def reclaim(self, count: int) -> None:
-        """We hold ``count`` backends more than our fair share while another worker
-        waits: give back idle ones now and the rest as sessions finish with them."""
+        """Another worker waits for a backend: give back every idle one now, and if we
+        hold ``count`` more than our fair share, that many as sessions finish with them."""
         for links in self.idle.values():
-            while links and count > 0:
+            while links:
                 self.release(links.pop(), "clean")
                 count -= 1
-        self.debt = count
+        self.debt = max(0, count)
 
     def release(self, link: BackendLink, state: str) -> None:
         """Give ``link`` back to the pooler and close our copy of its socket."""

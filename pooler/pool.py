@@ -23,6 +23,8 @@ log = logging.getLogger("pgfleet.pooler")
 Key = tuple[str, str]  # (database, user)
 
 RETRY_DELAY = 0.25
+PRESSURE_INTERVAL = 0.05
+STARVE_AFTER = 0.2
 
 
 @dataclass(eq=False)
@@ -48,6 +50,7 @@ class LeaseRequest:
     fail: Callable[[dict[str, str]], None]
     owner: object | None = None
     cancelled: bool = False
+    since: float = field(default_factory=time.monotonic)
 
 
 class PoolManager:
@@ -67,6 +70,7 @@ class PoolManager:
         self.waiters: deque[LeaseRequest] = deque()
         self._ids = itertools.count(1)
         self._last_pressure = 0.0
+        self._pressure_timer: asyncio.TimerHandle | None = None
         self.opened_total = 0
         self.closed_total = 0
 
@@ -153,15 +157,24 @@ class PoolManager:
             starved = True
             break
         if starved:
+            # Ask holders to give back, at most every PRESSURE_INTERVAL, and look again
+            # after that while anyone still waits (a holder busy with its own clients
+            # sends us nothing that would wake us).
             now = time.monotonic()
-            if now - self._last_pressure > 0.05:
+            if now - self._last_pressure >= PRESSURE_INTERVAL:
                 self._last_pressure = now
-                excess = self.excess_by_owner()
-                if excess:
-                    self.on_pressure(excess)
+                self.on_pressure(self.excess_by_owner())
+            if self._pressure_timer is None:
+                self._pressure_timer = self.loop.call_later(
+                    PRESSURE_INTERVAL, self._pressure_again
+                )
+
+    def _pressure_again(self) -> None:
+        self._pressure_timer = None
+        self._pump()
 
     def excess_by_owner(self) -> dict[object, int]:
-        """How many backends each holder has beyond its max-min fair share of the cap.
+        """For every holder, how many backends it has beyond its max-min fair share.
 
         A holder's demand is what it holds plus what it waits for; shares come from
         water-filling the cap over those demands. Only holders above their share are
@@ -177,7 +190,18 @@ class PoolManager:
             if not r.cancelled:
                 demand[r.owner] = demand.get(r.owner, 0) + 1
         share = water_fill(self.cap, demand)
-        return {o: h - share.get(o, 0) for o, h in held.items() if h > share.get(o, 0)}
+        excess = {o: max(0, h - share.get(o, 0)) for o, h in held.items()}
+        # Shares are whole backends, so a tie (2 workers wanting the only backend) can
+        # leave a waiter with a share of 0. Once it has waited STARVE_AFTER, the largest
+        # holder gives one back anyway, so that backends take turns and nobody starves.
+        now = time.monotonic()
+        oldest = next((r for r in self.waiters if not r.cancelled), None)
+        if oldest is not None and now - oldest.since > STARVE_AFTER:
+            donors = [o for o in held if o is not oldest.owner]
+            if donors:
+                donor = max(donors, key=lambda o: held[o])
+                excess[donor] = max(excess[donor], 1)
+        return excess
 
     def _drop_waiter(self, req: LeaseRequest) -> None:
         try:

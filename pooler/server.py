@@ -125,7 +125,8 @@ class Pooler:
         self.server: ChannelServer | None = None
 
     def reclaim(self, excess: dict[object, int]) -> None:
-        """Ask workers holding more than their fair share to give that many back."""
+        """Someone waits: every holder gives back the backends it holds idle, and
+        those above their fair share give back that many more as they come free."""
         for owner, count in excess.items():
             if isinstance(owner, WorkerLink) and not owner.channel.closed:
                 owner.channel.send({"op": "reclaim", "count": count})
