@@ -132,7 +132,8 @@ class Login:
             raise LoginFailed(exc.sqlstate, exc.message) from None
         s.user, s.database, s.key, s.settings = user, database, (database, user), settings
 
-        info = await self.worker.pooler.auth(user, database)
+        cache_key = self.worker.status_key(s.key, settings)
+        info = await self.worker.pooler.auth(user, database, cache_key[1])
         if "error" in info:
             raise LoginFailed(sqlstate.CANNOT_CONNECT_NOW, str(info["error"]))
         try:
@@ -141,11 +142,14 @@ class Login:
             # What we know of this role may be stale: refetch it for the next login.
             self.worker.pooler.invalidate(user)
             raise
-        cache_key = self.worker.status_key(s.key, settings)
-        status = self.worker.status_cache.get(cache_key)
+        status = self.worker.status_cache.get(cache_key) or info.get("status")
         if status is None:
             status = await self._probe_status()
-            self.worker.remember_status(cache_key, status)
+            self.worker.pooler.send(
+                {"op": "status", "db": database, "user": user, "skey": cache_key[1],
+                 "status": status}
+            )
+        self.worker.remember_status(cache_key, status)
         return status
 
     async def _check(self, user: str, database: str, info: dict) -> None:

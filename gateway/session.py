@@ -215,11 +215,32 @@ class Session(asyncio.Protocol):
                     return
                 if mtype == H or mtype in COPY_MSGS:
                     return  # Postgres ignores stray COPY messages outside COPY
+                if mtype == P and self._parse_known(payload):
+                    return
             self.pending.append((mtype, payload, raw))
             if not self.waiting:
                 self._request_backend()
             return
         self._forward(self.link, mtype, payload, raw)
+
+    def _parse_known(self, payload: bytes) -> bool:
+        """Answer a named Parse without a backend when this worker has already parsed the
+        same text and parameter types successfully; it is prepared on a backend when
+        first used. A client that prepares while its other connections hold every
+        backend (pgbench -M prepared does, blocking its thread) must not wait here."""
+        ne = _cstr_end(payload, 0)
+        name = payload[:ne]
+        if not name or name in self.stmts:
+            return False
+        body = payload[ne + 1 :]
+        bname = backend_statement_name(body)
+        if bname not in self.worker.known_statements:
+            return False
+        if pin_reason(body[: _cstr_end(body, 0)]) is not None:
+            return False
+        self.stmts[name] = (bname, _msg(P, bname + b"\x00" + body))
+        self.write_client(be.PARSE_COMPLETE)
+        return True
 
     def _request_backend(self) -> None:
         self.waiting = True
@@ -478,7 +499,9 @@ class Session(asyncio.Protocol):
         self.stmts[name] = entry
 
         def parsed_named(ok: bool, link: BackendLink = link) -> None:
-            if not ok:
+            if ok:
+                self.worker.note_statement(bname)
+            else:
                 link.prepared.discard(bname)
                 if self.stmts.get(name) is entry:
                     del self.stmts[name]

@@ -11,6 +11,7 @@ import signal
 import socket
 from collections import OrderedDict
 
+import orjson
 import uvloop
 
 from ipc.cancel_table import CancelTable, new_secret
@@ -26,6 +27,7 @@ from .session import Session
 log = logging.getLogger("pgfleet.gateway")
 
 STATUS_CACHE_SIZE = 1024
+KNOWN_STATEMENTS_MAX = 10000
 
 
 class PoolerClient:
@@ -52,8 +54,10 @@ class PoolerClient:
         finally:
             self._calls.pop(rid, None)
 
-    async def auth(self, user: str, database: str) -> dict:
-        return await self.call({"op": "auth", "user": user, "db": database})
+    async def auth(self, user: str, database: str, skey: str) -> dict:
+        """Role facts for a login, and the startup status report if the pooler knows
+        it for these settings (``skey``)."""
+        return await self.call({"op": "auth", "user": user, "db": database, "skey": skey})
 
     def invalidate(self, user: str) -> None:
         self.send({"op": "invalidate", "user": user})
@@ -89,6 +93,8 @@ class Worker:
         self.loop = asyncio.get_event_loop()
         self.sessions: set[Session] = set()
         self.status_cache: OrderedDict[tuple, dict[str, str]] = OrderedDict()
+        # Backend names of statements that parsed successfully here (see Session._parse_known).
+        self.known_statements: set[bytes] = set()
         self.cancel_table = CancelTable.attach(cfg.cancel_table_name)
         self.slots = self.cancel_table.partition(index, cfg.workers)
         self.cancel_table.reset_range(self.slots)
@@ -173,9 +179,15 @@ class Worker:
         link.write(fe.encode_query("; ".join(parts)))
         return True
 
+    def note_statement(self, bname: bytes) -> None:
+        if len(self.known_statements) >= KNOWN_STATEMENTS_MAX:
+            self.known_statements.clear()
+        self.known_statements.add(bname)
+
     @staticmethod
     def status_key(key: tuple[str, str], settings: dict[str, tuple[str, str]]) -> tuple:
-        return (key, tuple(sorted((low, v) for low, (_, v) in settings.items())))
+        """Cache key of the status report: (database, user) and the settings as text."""
+        return (key, orjson.dumps(sorted((low, v) for low, (_, v) in settings.items())).decode())
 
     def remember_status(self, cache_key: tuple, status: dict[str, str]) -> None:
         self.status_cache[cache_key] = status

@@ -36,20 +36,41 @@ class AuthCache:
         self.pool = pool
         self.ttl = ttl
         self._entries: dict[tuple[str, str], tuple[float, dict]] = {}
+        self._inflight: dict[tuple[str, str], asyncio.Task] = {}
 
     def invalidate(self, user: str) -> None:
         for k in [k for k in self._entries if k[0] == user]:
             del self._entries[k]
 
     async def lookup(self, user: str, database: str, refresh: bool = False) -> dict:
+        """Facts for a login. An expired entry is still served while a refresh runs in
+        the background: the refresh needs a backend, and when every backend is busy a
+        login should not wait for one. Entries removed by a refused login are not."""
         key = (user, database)
         hit = self._entries.get(key)
-        now = time.monotonic()
-        if hit is not None and not refresh and now - hit[0] < self.ttl:
+        if hit is not None and not refresh:
+            if time.monotonic() - hit[0] >= self.ttl:
+                self._start_fetch(key)
             return hit[1]
-        info = await self._fetch(user, database)
+        return await asyncio.shield(self._start_fetch(key))
+
+    def _start_fetch(self, key: tuple[str, str]) -> asyncio.Task:
+        """One catalog query per key at a time, however many logins ask."""
+        task = self._inflight.get(key)
+        if task is None:
+            task = self.pool.loop.create_task(self._fetch_and_store(key))
+            # A background refresh may fail with nobody awaiting it; that is fine.
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._inflight[key] = task
+        return task
+
+    async def _fetch_and_store(self, key: tuple[str, str]) -> dict:
+        try:
+            info = await self._fetch(*key)
+        finally:
+            self._inflight.pop(key, None)
         if info["role_exists"] and info["db_exists"]:
-            self._entries[key] = (now, info)
+            self._entries[key] = (time.monotonic(), info)
         return info
 
     async def _fetch(self, user: str, database: str) -> dict:
@@ -67,7 +88,7 @@ class AuthCache:
                 fut.set_exception(RuntimeError(fields.get("M", "lookup failed")))
 
         req = LeaseRequest(ADMIN_KEY, grant, fail, owner=self)
-        self.pool.request(req)
+        self.pool.request(req, urgent=True)
         try:
             b = await asyncio.wait_for(fut, 30.0)
         except BaseException:

@@ -91,8 +91,13 @@ class PoolManager:
         }
 
     # -- requests -----------------------------------------------------------------------------
-    def request(self, req: LeaseRequest) -> None:
-        self.waiters.append(req)
+    def request(self, req: LeaseRequest, urgent: bool = False) -> None:
+        """Queue ``req``; ``urgent`` ones (pgfleet's own short catalog lookups, which
+        logins wait on) go first."""
+        if urgent:
+            self.waiters.appendleft(req)
+        else:
+            self.waiters.append(req)
         self._pump()
 
     def cancel(self, req: LeaseRequest) -> None:

@@ -97,14 +97,23 @@ class WorkerLink:
     async def _auth(self, msg: dict) -> None:
         rid = int(msg["req"])
         try:
-            info = await self.pooler.auth.lookup(
-                str(msg["user"]), str(msg["db"]), bool(msg.get("refresh"))
-            )
+            user, db = str(msg["user"]), str(msg["db"])
+            info = await self.pooler.auth.lookup(user, db, bool(msg.get("refresh")))
             reply = {"op": "auth_info", "req": rid, **info}
+            status = self.pooler.statuses.get((db, user, msg.get("skey")))
+            if status is not None:
+                reply["status"] = status
         except Exception as exc:  # Postgres unreachable for too long, etc.
             reply = {"op": "auth_info", "req": rid, "error": str(exc)}
         if not self.channel.closed:
             self.channel.send(reply)
+
+    def op_status(self, msg: dict) -> None:
+        """A worker learnt the status report for a (database, user, settings)."""
+        statuses = self.pooler.statuses
+        statuses[(str(msg["db"]), str(msg["user"]), msg.get("skey"))] = msg["status"]
+        if len(statuses) > 4096:
+            statuses.pop(next(iter(statuses)))
 
     def op_invalidate(self, msg: dict) -> None:
         self.pooler.auth.invalidate(str(msg["user"]))
@@ -122,6 +131,9 @@ class Pooler:
         )
         self.auth = AuthCache(self.pool)
         self.links: set[WorkerLink] = set()
+        # Startup status reports per (database, user, settings), shared by all workers
+        # so that only the first login with new settings needs a backend.
+        self.statuses: dict[tuple, dict[str, str]] = {}
         self.server: ChannelServer | None = None
 
     def reclaim(self, excess: dict[object, int]) -> None:
