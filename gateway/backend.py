@@ -78,6 +78,7 @@ class BackendLink(asyncio.Protocol):
         self.fatal: bytes | None = None
         self.idle_since = 0.0
         self.needs_reset = False
+        self.paused_client: Session | None = None
         self.released = False
         self.drain_rollbacks = 0
         self.drain_timer: asyncio.TimerHandle | None = None
@@ -102,6 +103,19 @@ class BackendLink(asyncio.Protocol):
             self.session.backend_lost(self)
         else:
             self.manager.link_lost(self)
+
+    def pause_writing(self) -> None:
+        # Postgres reads slower than the client sends (a big COPY IN): stop reading the client.
+        s = self.session
+        if s is not None and s.transport is not None:
+            s.transport.pause_reading()
+            self.paused_client = s
+
+    def resume_writing(self) -> None:
+        s = self.paused_client
+        self.paused_client = None
+        if s is not None and s.transport is not None and not s.transport.is_closing():
+            s.transport.resume_reading()
 
     def write(self, raw: bytes) -> None:
         self._out.append(raw)
