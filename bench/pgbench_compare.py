@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,6 +167,31 @@ def psql(args: list[str], sql: str, env: dict[str, str] | None = None, timeout: 
     return res.stdout.strip()
 
 
+def wait_until_ready(name: str, proc: subprocess.Popen, port: int, password: str,
+                     read_log: Callable[[], str], timeout: float,
+                     ready: Callable[[], bool] = lambda: True) -> None:
+    """Wait until ``name`` (started as ``proc``) answers ``select 1`` through psql on ``port``.
+
+    ``ready`` must hold before a connection is tried. Raises BenchError if the process
+    exits or ``timeout`` passes first; the message ends with ``read_log()``.
+    """
+    env = dict(os.environ, PGPASSWORD=password, PGCONNECT_TIMEOUT="5")
+    deadline = time.monotonic() + timeout
+    last_err = ""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{name} exited early with {proc.returncode}:\n{read_log()}")
+        if ready() and can_connect(port):
+            try:
+                psql(["-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-d", "postgres"],
+                     "select 1", env=env, timeout=15)
+                return
+            except (BenchError, subprocess.TimeoutExpired) as exc:
+                last_err = str(exc)
+        time.sleep(0.2)
+    raise BenchError(f"{name} did not come up ({last_err}):\n{read_log()}")
+
+
 class Pgfleet:
     """``pgfleet up`` as a subprocess; also owns the embedded Postgres."""
 
@@ -195,21 +221,8 @@ class Pgfleet:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.cmd(), stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True)
-        env = dict(os.environ, PGPASSWORD=self.password, PGCONNECT_TIMEOUT="5")
-        deadline = time.monotonic() + timeout
-        last_err = ""
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BenchError(f"pgfleet exited early with {self.proc.returncode}:\n{self.log()}")
-            if "pgfleet is up" in self.log() and can_connect(self.port):
-                try:
-                    psql(["-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
-                          "-d", "postgres"], "select 1", env=env, timeout=15)
-                    return
-                except (BenchError, subprocess.TimeoutExpired) as exc:
-                    last_err = str(exc)
-            time.sleep(0.2)
-        raise BenchError(f"pgfleet did not come up ({last_err}):\n{self.log()}")
+        wait_until_ready("pgfleet", self.proc, self.port, self.password, self.log, timeout,
+                         ready=lambda: "pgfleet is up" in self.log())
 
     def log(self) -> str:
         try:
@@ -297,21 +310,7 @@ class PgBouncer:
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      cwd=self.dir, user=pg.pw_uid, group=pg.pw_gid,
                                      extra_groups=[], start_new_session=True)
-        env = dict(os.environ, PGPASSWORD=password, PGCONNECT_TIMEOUT="5")
-        deadline = time.monotonic() + timeout
-        last_err = ""
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BenchError(f"pgbouncer exited early with {self.proc.returncode}:\n{self.log()}")
-            if can_connect(self.port):
-                try:
-                    psql(["-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
-                          "-d", "postgres"], "select 1", env=env, timeout=15)
-                    return
-                except (BenchError, subprocess.TimeoutExpired) as exc:
-                    last_err = str(exc)
-            time.sleep(0.2)
-        raise BenchError(f"pgbouncer did not come up ({last_err}):\n{self.log()}")
+        wait_until_ready("pgbouncer", self.proc, self.port, password, self.log, timeout)
 
     def log(self) -> str:
         parts = []

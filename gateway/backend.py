@@ -34,8 +34,9 @@ E, Z, T, n_ = ord("E"), ord("Z"), ord("T"), ord("n")
 
 
 class Expect:
-    __slots__ = ("kind", "swallow", "on_done", "synth")
-    # swallow: 0 = forward replies, 1 = drop them but forward errors, 2 = drop errors too
+    __slots__ = ("kind", "swallow", "on_done", "synth", "rows", "hold_z")
+    # swallow: 0 = forward replies, 1 = drop them but forward errors, 2 = drop errors
+    # too (but forward ParameterStatus)
 
     def __init__(
         self,
@@ -43,11 +44,16 @@ class Expect:
         swallow: int = 0,
         on_done: Callable[[bool], None] | None = None,
         synth: bytes | None = None,
+        rows: list | None = None,
     ) -> None:
         self.kind = kind
         self.swallow = swallow
         self.on_done = on_done
         self.synth = synth
+        self.rows = rows  # a swallowed query's DataRows are collected here
+        # This query's ReadyForQuery is held back: the quiet replay queued right behind
+        # it answers instead, so the client gets the replay's ParameterStatus first.
+        self.hold_z = False
 
 
 class BackendLink(asyncio.Protocol):
@@ -126,8 +132,8 @@ class BackendLink(asyncio.Protocol):
             self._out = []
             self.transport.write(b"".join(out) if len(out) > 1 else out[0])
 
-    def expect(self, kind: int, swallow: int = 0, on_done=None) -> None:
-        self.queue.append(Expect(kind, swallow, on_done))
+    def expect(self, kind: int, swallow: int = 0, on_done=None, rows: list | None = None) -> None:
+        self.queue.append(Expect(kind, swallow, on_done, None, rows))
 
     def push_synth(self, data: bytes, on_done=None) -> None:
         """Queue a reply pgfleet makes itself, to go out after everything before it."""
@@ -185,7 +191,9 @@ class BackendLink(asyncio.Protocol):
                 self.reported[name.decode("utf-8", "replace")] = rest[:-1].decode(
                     "utf-8", "replace"
                 )
-            if head is None or not head.swallow:
+            # Quiet replays (after a client's RESET) still report parameters: the
+            # client must end up seeing the value its session really has.
+            if head is None or not head.swallow or (mtype == 0x53 and head.swallow == 2):
                 out.append(raw)
             return
         if head is None:
@@ -212,7 +220,12 @@ class BackendLink(asyncio.Protocol):
                     e.on_done(False)
             return
         if not head.swallow:
+            if not (mtype == Z and head.hold_z):
+                out.append(raw)
+        elif mtype == Z and head.swallow == 2:
             out.append(raw)
+        elif mtype == 0x44 and head.rows is not None:
+            head.rows.append(decode_backend(mtype, payload).values)
         done = False
         if mtype == Z:
             self.status = chr(payload[0])

@@ -130,7 +130,8 @@ class Login:
             settings = session_settings(params)
         except StartupParamError as exc:
             raise LoginFailed(exc.sqlstate, exc.message) from None
-        s.user, s.database, s.key, s.settings = user, database, (database, user), settings
+        s.user, s.database, s.key = user, database, (database, user)
+        s.settings = s.startup_settings = settings
 
         cache_key = self.worker.status_key(s.key, settings)
         info = await self.worker.pooler.auth(user, database, cache_key[1])

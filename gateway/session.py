@@ -22,7 +22,7 @@ from pgwire.errors import ProtocolViolation, error_response
 from pgwire.framing import MessageFramer, StartupFramer
 
 from .backend import K_BIND, K_CLOSE, K_DESC_P, K_DESC_S, K_EXEC, K_PARSE, K_QUERY, K_SYNC
-from .classify import drops_statements, pin_reason, resets_settings
+from .classify import changes_settings, drops_statements, pin_reason, reset_targets
 from .login import Login
 
 if TYPE_CHECKING:
@@ -35,6 +35,11 @@ Q, P, B, D, E, C, S, H, X, F = (ord(c) for c in "QPBDECSHXF")
 COPY_MSGS = frozenset(b"dcf")
 EXTENDED = frozenset(b"PBDECH")
 RFQ_IDLE = b"Z\x00\x00\x00\x05I"
+# Session-level settings as Postgres sees them; SET ROLE / SESSION AUTHORIZATION pin instead.
+SETTINGS_QUERY = fe.encode_query(
+    "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' "
+    "AND name NOT IN ('role', 'session_authorization')"
+)
 _HDR = struct.Struct("!BI")
 
 
@@ -67,8 +72,14 @@ class Session(asyncio.Protocol):
         self.user = ""
         self.database = ""
         self.key: tuple[str, str] = ("", "")
-        # lower-cased setting name -> (name as given, value): replayed on every backend
+        # lower-cased setting name -> (name as given, value): the session's book of
+        # session-level settings, replayed on every backend that serves it.
         self.settings: dict[str, tuple[str, str]] = {}
+        # The part of it that came with the startup packet (what RESET goes back to).
+        self.startup_settings: dict[str, tuple[str, str]] = {}
+        # A statement that may have changed settings ran: re-read the book before
+        # the backend goes back.
+        self.settings_dirty = False
         self.link: BackendLink | None = None
         self.waiting = False
         self.wait_timer: asyncio.TimerHandle | None = None
@@ -77,6 +88,9 @@ class Session(asyncio.Protocol):
         # client statement name -> (backend name, Parse message under that name)
         self.stmts: dict[bytes, tuple[bytes, bytes]] = {}
         self.unnamed_parse: bytes | None = None
+        # Statements whose execution may change settings (client names; the unnamed one).
+        self.setting_stmts: set[bytes] = set()
+        self.unnamed_sets = False
         self.unnamed_token: object | None = None
         self.skip_until_sync = False
         # Extended-protocol messages were sent since the last Sync: they form one
@@ -103,7 +117,8 @@ class Session(asyncio.Protocol):
         link = self.link
         if link is not None:
             self.link = None
-            self.worker.leases.abandon(link, dirty=bool(self.pins))
+            # Settings changed but not yet re-read, or pinned state: reset before reuse.
+            self.worker.leases.abandon(link, dirty=bool(self.pins) or self.settings_dirty)
         if self.slot >= 0:
             self.worker.release_slot(self.slot)
             self.slot = -1
@@ -236,9 +251,14 @@ class Session(asyncio.Protocol):
         bname = backend_statement_name(body)
         if bname not in self.worker.known_statements:
             return False
-        if pin_reason(body[: _cstr_end(body, 0)]) is not None:
+        query = body[: _cstr_end(body, 0)]
+        if pin_reason(query) is not None:
             return False
         self.stmts[name] = (bname, _msg(P, bname + b"\x00" + body))
+        if changes_settings(query):
+            self.setting_stmts.add(name)
+        else:
+            self.setting_stmts.discard(name)
         self.write_client(be.PARSE_COMPLETE)
         return True
 
@@ -344,8 +364,46 @@ class Session(asyncio.Protocol):
             and not self.unsynced
             and not link.dead
         ):
+            if self.settings_dirty:
+                self._reread_settings(link)
+                link.flush()
+                return
             self.detach()
             self.worker.leases.put_back(link)
+
+    def _after_resets(self, link: BackendLink, targets: tuple[str, ...]) -> None:
+        """RESET puts a setting back to its startup value in Postgres, not to the server
+        default: replay the startup values it touched, right behind the statement."""
+        if not targets or not self.startup_settings:
+            return
+        if "all" in targets:
+            again = dict(self.startup_settings)
+        else:
+            again = {k: v for k, v in self.startup_settings.items() if k in targets}
+        if again:
+            query = link.queue[-1]
+            if self.worker.apply_settings(link, again, quiet=True, force=True):
+                query.hold_z = True
+
+    def _reread_settings(self, link: BackendLink) -> None:
+        """Take the session's settings from the backend itself, which already applied
+        Postgres's rules (transactions, savepoints, SET LOCAL, RESET, failed SETs)."""
+        self.settings_dirty = False
+        rows: list[list[bytes | None]] = []
+
+        def done(ok: bool) -> None:
+            if not ok:
+                link.needs_reset = True  # we no longer know what it holds
+                return
+            book = {}
+            for name, value in rows:
+                n = name.decode()
+                book[n.lower()] = (n, value.decode() if value is not None else "")
+            self.settings = book
+            link.applied = {k: v for k, (_, v) in book.items()}
+
+        link.expect(K_QUERY, swallow=1, on_done=done, rows=rows)
+        link.write(SETTINGS_QUERY)
 
     def detach(self) -> None:
         link = self.link
@@ -394,21 +452,23 @@ class Session(asyncio.Protocol):
                 self.pins.add(reason)
             link.expect(K_QUERY)
             link.write(raw)
+            if changes_settings(sql):
+                self.settings_dirty = True
+                self._after_resets(link, reset_targets(sql))
             if drops_statements(sql):
                 # The backend loses every statement, ours and other sessions'.
                 self.stmts.clear()
                 self.unnamed_parse = self.unnamed_token = None
                 link.prepared.clear()
                 link.unnamed_of = None
-            if resets_settings(sql):
-                link.applied = {}
-                self.worker.apply_settings(link, self.settings, quiet=True)
         elif mtype == P:
             self._parse(link, payload, raw)
         elif mtype == B:
             pe = _cstr_end(payload, 0)
             se = _cstr_end(payload, pe + 1)
             name = payload[pe + 1 : se]
+            if (name in self.setting_stmts) if name else self.unnamed_sets:
+                self.settings_dirty = True
             if name:
                 bname = self._backend_stmt(link, name)
                 if bname is None:
@@ -472,10 +532,13 @@ class Session(asyncio.Protocol):
         name = payload[:ne]
         body = payload[ne + 1 :]
         qe = _cstr_end(body, 0)
-        reason = pin_reason(body[:qe])
+        query = body[:qe]
+        reason = pin_reason(query)
         if reason is not None:
             self.pins.add(reason)
+        sets = changes_settings(query)
         if not name:
+            self.unnamed_sets = sets
             token = object()
             self.unnamed_parse, self.unnamed_token = raw, token
             link.unnamed_of = token
@@ -497,6 +560,10 @@ class Session(asyncio.Protocol):
         bname = backend_statement_name(body)
         entry = (bname, _msg(P, bname + b"\x00" + body))
         self.stmts[name] = entry
+        if sets:
+            self.setting_stmts.add(name)
+        else:
+            self.setting_stmts.discard(name)
 
         def parsed_named(ok: bool, link: BackendLink = link) -> None:
             if ok:

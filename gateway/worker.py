@@ -144,16 +144,21 @@ class Worker:
         settings: dict[str, tuple[str, str]],
         on_done=None,
         quiet: bool = False,
+        force: bool = False,
     ) -> bool:
         """Make ``link``'s settings the session's: one swallowed query with the difference.
 
-        ``quiet`` also swallows an error (re-applying after a client's RESET inside a
-        failed transaction); the settings are then applied again on next use.
-        Returns False if nothing had to be sent.
+        ``force`` sets every one of ``settings`` and resets nothing else (putting
+        startup values back after a client's RESET); ``quiet`` also swallows an error
+        (a RESET inside a failed transaction). Returns False if nothing was sent.
         """
         applied = link.applied
-        sets = [(given, v) for low, (given, v) in settings.items() if applied.get(low) != v]
-        resets = [low for low in applied if low not in settings]
+        if force:
+            sets = list(settings.values())
+            resets: list[str] = []
+        else:
+            sets = [(g, v) for low, (g, v) in settings.items() if applied.get(low) != v]
+            resets = [low for low in applied if low not in settings]
         if not sets and not resets:
             return False
         parts = [f"RESET {quote_guc_name(low)}" for low in resets]

@@ -69,7 +69,8 @@ class PoolManager:
         self.opening = 0
         self.waiters: deque[LeaseRequest] = deque()
         self._ids = itertools.count(1)
-        self._last_pressure = 0.0
+        # When each holder was last asked to give backends back.
+        self._asked: dict[object, float] = {}
         self._pressure_timer: asyncio.TimerHandle | None = None
         self.opened_total = 0
         self.closed_total = 0
@@ -116,6 +117,7 @@ class PoolManager:
         b = self.backends.get(backend_id)
         if b is None or b.state != "leased":
             return
+        self._asked.pop(b.owner, None)  # it answered: it may be asked again at once
         b.owner = None
         if carry:
             b.conn.params = dict(carry.get("params") or b.conn.params)
@@ -132,6 +134,7 @@ class PoolManager:
 
     def owner_gone(self, owner: object) -> None:
         """A worker died or disconnected: its leases are in an unknown state, so close them."""
+        self._asked.pop(owner, None)
         for b in [b for b in self.backends.values() if b.owner is owner]:
             self._close(b)
         for req in [r for r in self.waiters if r.owner is owner]:
@@ -162,13 +165,20 @@ class PoolManager:
             starved = True
             break
         if starved:
-            # Ask holders to give back, at most every PRESSURE_INTERVAL, and look again
-            # after that while anyone still waits (a holder busy with its own clients
-            # sends us nothing that would wake us).
+            # Ask holders to give back now; a holder already asked is asked again only
+            # once it has released something or PRESSURE_INTERVAL has passed, and we look
+            # again after that interval while anyone waits (a holder busy with its own
+            # clients sends nothing that would wake us).
             now = time.monotonic()
-            if now - self._last_pressure >= PRESSURE_INTERVAL:
-                self._last_pressure = now
-                self.on_pressure(self.excess_by_owner())
+            ask = {
+                o: n
+                for o, n in self.excess_by_owner().items()
+                if now - self._asked.get(o, 0.0) >= PRESSURE_INTERVAL
+            }
+            if ask:
+                for o in ask:
+                    self._asked[o] = now
+                self.on_pressure(ask)
             if self._pressure_timer is None:
                 self._pressure_timer = self.loop.call_later(
                     PRESSURE_INTERVAL, self._pressure_again

@@ -141,9 +141,8 @@ def server():
     s.cleanup()
 
 
-@pytest.fixture
-def make_server():
-    """Start extra pgfleet instances with their own options; all stopped afterwards."""
+def _server_factory():
+    """Yields a function that starts pgfleet instances with given options; stops them after."""
     started: list[PgfleetServer] = []
 
     def make(*args: str) -> PgfleetServer:
@@ -154,3 +153,15 @@ def make_server():
     yield make
     for s in started:
         s.cleanup()
+
+
+@pytest.fixture
+def make_server():
+    """Start extra pgfleet instances for one test."""
+    yield from _server_factory()
+
+
+@pytest.fixture(scope="module")
+def make_module_server():
+    """Start extra pgfleet instances shared by one test module."""
+    yield from _server_factory()

@@ -6,20 +6,18 @@ queries whose CancelRequest lands on another worker than the client's.
 Which process is which: ``child_pids()`` lists the supervisor's direct children,
 which are the postmaster (``postmaster_pid()``), the pooler (the process that
 listens on ``<home>/ipc/pooler.sock``, found with ``ss -xlp``) and the workers
-(everything else). Which worker serves a client is read from ``ss -tnp``.
+(everything else). Which worker serves a client is read from ``ss -tnp``. The helpers
+for all that are in ``tests.procs``.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
-import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -27,39 +25,10 @@ import pytest
 from psycopg import errors as pg_errors
 
 from supervisor.config import Config
+from tests.procs import children_of, pid_gone, spread_connections, worker_of, worker_pids
+from tests.waiting import bounded, wait_for
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def bounded(fn: Callable[[], object], timeout: float, what: str = "operation") -> object:
-    """Run ``fn`` in a daemon thread; fail the test (instead of hanging) after ``timeout``."""
-    box: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as exc:  # handed to the test thread
-            box["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        pytest.fail(f"{what} did not finish within {timeout:g} s")
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box.get("result")
-
-
-def wait_for(cond: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def connect(server, **kw) -> psycopg.Connection:
@@ -68,77 +37,6 @@ def connect(server, **kw) -> psycopg.Connection:
 
 def direct(server) -> psycopg.Connection:
     return psycopg.connect(server.direct_dsn(), autocommit=True, connect_timeout=10)
-
-
-def pid_gone(pid: int) -> bool:
-    """No such process, or only a zombie waiting to be reaped."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    state = stat[stat.rindex(")") + 2 :].split()[0]
-    return state in ("Z", "X")
-
-
-def pooler_pid(server) -> int:
-    path = str(server.home / "ipc" / "pooler.sock")
-    out = subprocess.run(["ss", "-xlpH"], capture_output=True, text=True, timeout=10).stdout
-    for line in out.splitlines():
-        if path in line.split():
-            found = re.findall(r"pid=(\d+)", line)
-            if found:
-                return int(found[0])
-    raise AssertionError(f"no process listens on {path}:\n{out}")
-
-
-def worker_pids(server) -> list[int]:
-    others = {pooler_pid(server), server.postmaster_pid()}
-    return sorted(p for p in server.child_pids() if p not in others)
-
-
-def client_port(conn: psycopg.Connection) -> int:
-    sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
-    try:
-        return sock.getsockname()[1]
-    finally:
-        sock.close()
-
-
-def worker_of(server, conn: psycopg.Connection) -> int:
-    """PID of the pgfleet process holding the server side of ``conn``."""
-    port = client_port(conn)
-    out = subprocess.run(
-        ["ss", "-tnpH", "state", "established", f"( sport = :{server.port} and dport = :{port} )"],
-        capture_output=True,
-        text=True,
-        timeout=10,
-    ).stdout
-    pids = {int(p) for p in re.findall(r"pid=(\d+)", out)}
-    assert len(pids) == 1, f"cannot tell which worker serves port {port}: {out!r}"
-    return pids.pop()
-
-
-def spread_connections(server, per_worker: int, **kw) -> dict[int, list[psycopg.Connection]]:
-    """Open connections until every worker serves at least ``per_worker`` of them."""
-    workers = worker_pids(server)
-    by_worker: dict[int, list[psycopg.Connection]] = {w: [] for w in workers}
-    extra: list[psycopg.Connection] = []
-    for _ in range(60):
-        if all(len(c) >= per_worker for c in by_worker.values()):
-            break
-        conn = connect(server, **kw)
-        w = worker_of(server, conn)
-        assert w in by_worker, f"connection served by {w}, not a worker {workers}"
-        (by_worker[w] if len(by_worker[w]) < per_worker else extra).append(conn)
-    for conn in extra:
-        conn.close()
-    counts = {w: len(c) for w, c in by_worker.items()}
-    if not all(n >= per_worker for n in counts.values()):
-        for conns in by_worker.values():
-            for conn in conns:
-                conn.close()
-        pytest.fail(f"connections never reached every worker: {counts}")
-    return by_worker
 
 
 def one_query(server, value: int) -> int:
@@ -312,16 +210,7 @@ def test_stop_leaves_nothing_behind(make_server):
     with direct(srv) as d:
         assert d.execute("select 1").fetchone() == (1,)
     postmaster = srv.postmaster_pid()
-    pg_children = [
-        int(p)
-        for p in subprocess.run(
-            ["ps", "-o", "pid=", "--ppid", str(postmaster)],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.split()
-    ]
-    pids = set(srv.child_pids()) | {postmaster} | set(pg_children)
+    pids = set(srv.child_pids()) | {postmaster} | set(children_of(postmaster))
     assert len(pids) >= 4 + 3, pids  # postmaster, pooler, 2 workers, auxiliary processes
     shm = Path("/dev/shm") / Config(home=srv.home).cancel_table_name.lstrip("/")
     assert shm.exists()

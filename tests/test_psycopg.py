@@ -7,11 +7,9 @@ Postgres directly (``server.direct_dsn()``) and compares.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import socket
-import struct
 import threading
 import time
 import uuid
@@ -21,9 +19,10 @@ from decimal import Decimal
 import psycopg
 import pytest
 from psycopg import errors, sql
-from scramp import ScramClient
 
 from .conftest import PASSWORD
+from .waiting import poll
+from .wire import raw_login
 
 CONNECT_TIMEOUT = 10
 TEST_DEADLINE = 120.0  # seconds; the watchdog cuts every connection of a test stuck longer
@@ -106,15 +105,32 @@ def uniq(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:10]}"
 
 
-def wait_for(pred: Callable[[], object], timeout: float = 15.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            return v
-        time.sleep(interval)
+@pytest.fixture
+def scratch(server):
+    """``name, d = scratch(prefix, *setup, kind="table")``: a unique table (or schema) name
+    and a direct connection ``d``, on which the ``setup`` statements ({name} stands for
+    the name) run at once.
+
+    After the test its pgfleet clients are closed (so that they hold no locks) and the
+    object is dropped: plainly when ``setup`` created it, "if exists" when the test
+    creates it itself.
+    """
+    made: list[tuple[psycopg.Connection, str, str, bool]] = []
+
+    def make(prefix: str, *setup: str, kind: str = "table") -> tuple[str, psycopg.Connection]:
+        name = uniq(prefix)
+        d = direct(server)
+        for stmt in setup:
+            d.execute(stmt.format(name=name))
+        made.append((d, kind, name, bool(setup)))
+        return name, d
+
+    yield make
+    close_clients()
+    for d, kind, name, created in made:
+        if_exists = "" if created else "if exists "
+        cascade = " cascade" if kind == "schema" else ""
+        d.execute(f"drop {kind} {if_exists}{name}{cascade}")
 
 
 def run_threads(targets: list[Callable[[], None]], timeout: float = 90.0) -> None:
@@ -146,6 +162,30 @@ def run_threads(targets: list[Callable[[], None]], timeout: float = 90.0) -> Non
         raise failures[0]
 
 
+def run_beside(server, main: Callable[[], None], check: Callable[[psycopg.Connection], None],
+               others: int) -> None:
+    """Run ``main`` while ``others`` sessions of their own each run ``check`` and roll back,
+    over and over until ``main`` is done (and at least 5 times each); via run_threads."""
+    stop = threading.Event()
+
+    def first() -> None:
+        try:
+            main()
+        finally:
+            stop.set()
+
+    def other() -> None:
+        c = connect(server.dsn())
+        n = 0
+        while not stop.is_set() or n < 5:
+            check(c)
+            c.rollback()
+            n += 1
+        c.close()
+
+    run_threads([first] + [other] * others)
+
+
 def fatal_text(exc: psycopg.OperationalError) -> str:
     """The server's message from a libpq connection failure: what follows 'FATAL:  '."""
     msg = str(exc)
@@ -153,86 +193,8 @@ def fatal_text(exc: psycopg.OperationalError) -> str:
     return msg.split("FATAL:", 1)[1].strip()
 
 
-# A minimal hand-written v3 client, to see the SQLSTATE of a failed login (libpq does
-# not expose it for connection failures) and to compare pgfleet with Postgres itself.
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("server closed the connection")
-        buf += chunk
-    return buf
-
-
-def _read_msg(sock: socket.socket) -> tuple[bytes, bytes]:
-    head = _recv_exact(sock, 5)
-    (length,) = struct.unpack("!I", head[1:])
-    return head[:1], _recv_exact(sock, length - 4)
-
-
-def _send(sock: socket.socket, mtype: bytes, payload: bytes) -> None:
-    sock.sendall(mtype + struct.pack("!I", len(payload) + 4) + payload)
-
-
-def _fields(payload: bytes) -> dict[str, str]:
-    out = {}
-    for part in payload.split(b"\x00"):
-        if part:
-            out[chr(part[0])] = part[1:].decode()
-    return out
-
-
-def raw_login(address, user: str, password: str | None = None, dbname: str = "postgres",
-              **params: str) -> dict[str, str]:
-    """Log in; return the ErrorResponse fields if the server refused, else {}.
-
-    ``address`` is a port on 127.0.0.1 (pgfleet) or a Unix socket path (Postgres).
-    """
-    if isinstance(address, int):
-        sock = socket.create_connection(("127.0.0.1", address), timeout=CONNECT_TIMEOUT)
-    else:
-        sock = socket.socket(socket.AF_UNIX)
-        sock.settimeout(CONNECT_TIMEOUT)
-        sock.connect(address)
-    try:
-        body = struct.pack("!I", 196608)
-        for k, v in {"user": user, "database": dbname, **params}.items():
-            body += k.encode() + b"\x00" + v.encode() + b"\x00"
-        body += b"\x00"
-        sock.sendall(struct.pack("!I", len(body) + 4) + body)
-        scram = None
-        while True:
-            mtype, payload = _read_msg(sock)
-            if mtype == b"E":
-                return _fields(payload)
-            if mtype == b"Z":
-                _send(sock, b"X", b"")
-                return {}
-            if mtype != b"R":
-                continue  # ParameterStatus, BackendKeyData, notices
-            (code,) = struct.unpack("!I", payload[:4])
-            if code == 3:
-                _send(sock, b"p", password.encode() + b"\x00")
-            elif code == 5:
-                inner = hashlib.md5((password + user).encode()).hexdigest()
-                outer = hashlib.md5(inner.encode() + payload[4:8]).hexdigest()
-                _send(sock, b"p", b"md5" + outer.encode() + b"\x00")
-            elif code == 10:
-                scram = ScramClient(["SCRAM-SHA-256"], user, password)
-                first = scram.get_client_first().encode()
-                _send(sock, b"p", b"SCRAM-SHA-256\x00" + struct.pack("!i", len(first)) + first)
-            elif code == 11:
-                scram.set_server_first(payload[4:].decode())
-                _send(sock, b"p", scram.get_client_final().encode())
-            elif code == 12:
-                scram.set_server_final(payload[4:].decode())
-            elif code != 0:
-                raise AssertionError(f"unexpected authentication request {code}")
-    finally:
-        sock.close()
-
+# raw_login (tests.wire) shows the SQLSTATE of a failed login (libpq does not expose it
+# for connection failures) and compares pgfleet with Postgres itself, over this socket.
 
 def pg_socket(server) -> str:
     return os.path.join(server.socket_dir, ".s.PGSQL.5432")
@@ -240,271 +202,243 @@ def pg_socket(server) -> str:
 
 # -- plain queries and transactions -----------------------------------------------------------
 
-def test_autocommit_queries(server):
-    t = uniq("pf_auto")
+def test_autocommit_queries(server, scratch):
+    t, d = scratch("pf_auto")
     conn = connect(server.dsn(), autocommit=True)
-    d = direct(server)
-    try:
-        assert conn.execute("select 1, 'two', null::int, 2.5::numeric").fetchone() == (
-            1, "two", None, Decimal("2.5"))
-        assert conn.execute("select %s::int + %s::int", (40, 2)).fetchone() == (42,)
-        rows = conn.execute("select g, g * g from generate_series(1, 1000) g").fetchall()
-        assert rows == [(i, i * i) for i in range(1, 1001)]
-        conn.execute(f"create table {t} (id int primary key, v text)")
-        conn.execute(f"insert into {t} values (1, 'a'), (2, 'b')")
-        # Autocommit: visible to everyone at once.
-        assert d.execute(f"select count(*) from {t}").fetchone() == (2,)
-        # Several statements in one simple query: one result set each.
-        cur = conn.cursor()
-        cur.execute(f"select v from {t} where id = 1; select v from {t} where id = 2")
-        assert cur.fetchall() == [("a",)]
-        assert cur.nextset()
-        assert cur.fetchall() == [("b",)]
-        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-        # Many small autocommit statements in a row.
-        for i in range(3, 103):
-            conn.execute(f"insert into {t} values (%s, %s)", (i, str(i)))
-        assert d.execute(f"select count(*), sum(id) from {t}").fetchone() == (102, sum(range(1, 103)))
-    finally:
-        close_clients()
-        d.execute(f"drop table if exists {t}")
+    assert conn.execute("select 1, 'two', null::int, 2.5::numeric").fetchone() == (
+        1, "two", None, Decimal("2.5"))
+    assert conn.execute("select %s::int + %s::int", (40, 2)).fetchone() == (42,)
+    rows = conn.execute("select g, g * g from generate_series(1, 1000) g").fetchall()
+    assert rows == [(i, i * i) for i in range(1, 1001)]
+    conn.execute(f"create table {t} (id int primary key, v text)")
+    conn.execute(f"insert into {t} values (1, 'a'), (2, 'b')")
+    # Autocommit: visible to everyone at once.
+    assert d.execute(f"select count(*) from {t}").fetchone() == (2,)
+    # Several statements in one simple query: one result set each.
+    cur = conn.cursor()
+    cur.execute(f"select v from {t} where id = 1; select v from {t} where id = 2")
+    assert cur.fetchall() == [("a",)]
+    assert cur.nextset()
+    assert cur.fetchall() == [("b",)]
+    assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    # Many small autocommit statements in a row.
+    for i in range(3, 103):
+        conn.execute(f"insert into {t} values (%s, %s)", (i, str(i)))
+    assert d.execute(f"select count(*), sum(id) from {t}").fetchone() == (102, sum(range(1, 103)))
 
 
-def test_transactions_commit_and_rollback(server):
-    t = uniq("pf_tx")
-    d = direct(server)
-    d.execute(f"create table {t} (id int primary key, v text)")
-    try:
-        a = connect(server.dsn())
-        b = connect(server.dsn(), autocommit=True)
-        # Rolled back: no trace anywhere.
-        a.execute(f"insert into {t} values (1, 'gone')")
-        assert a.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
-        assert a.execute(f"select count(*) from {t}").fetchone() == (1,)
-        assert b.execute(f"select count(*) from {t}").fetchone() == (0,)
-        a.rollback()
-        assert a.execute(f"select count(*) from {t}").fetchone() == (0,)
-        a.commit()
-        assert b.execute(f"select count(*) from {t}").fetchone() == (0,)
-        assert d.execute(f"select count(*) from {t}").fetchone() == (0,)
-        # Committed: visible to others only after the commit.
-        a.execute(f"insert into {t} values (2, 'kept')")
-        assert d.execute(f"select count(*) from {t}").fetchone() == (0,)
-        a.commit()
-        assert b.execute(f"select v from {t}").fetchall() == [("kept",)]
-        assert d.execute(f"select v from {t}").fetchall() == [("kept",)]
-        # Explicit BEGIN/ROLLBACK in autocommit mode, and a savepoint.
-        b.execute("begin")
-        b.execute(f"insert into {t} values (3, 'x')")
-        b.execute("rollback")
-        with a.transaction():
-            a.execute(f"insert into {t} values (4, 'outer')")
-            with pytest.raises(errors.UniqueViolation):
-                with a.transaction():
-                    a.execute(f"insert into {t} values (5, 'inner')")
-                    a.execute(f"insert into {t} values (2, 'dup')")
-        a.commit()
-        assert d.execute(f"select id from {t} order by id").fetchall() == [(2,), (4,)]
-        # Context-managed transaction that raises: rolled back.
-        with pytest.raises(RuntimeError):
+def test_transactions_commit_and_rollback(server, scratch):
+    t, d = scratch("pf_tx", "create table {name} (id int primary key, v text)")
+    a = connect(server.dsn())
+    b = connect(server.dsn(), autocommit=True)
+    # Rolled back: no trace anywhere.
+    a.execute(f"insert into {t} values (1, 'gone')")
+    assert a.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+    assert a.execute(f"select count(*) from {t}").fetchone() == (1,)
+    assert b.execute(f"select count(*) from {t}").fetchone() == (0,)
+    a.rollback()
+    assert a.execute(f"select count(*) from {t}").fetchone() == (0,)
+    a.commit()
+    assert b.execute(f"select count(*) from {t}").fetchone() == (0,)
+    assert d.execute(f"select count(*) from {t}").fetchone() == (0,)
+    # Committed: visible to others only after the commit.
+    a.execute(f"insert into {t} values (2, 'kept')")
+    assert d.execute(f"select count(*) from {t}").fetchone() == (0,)
+    a.commit()
+    assert b.execute(f"select v from {t}").fetchall() == [("kept",)]
+    assert d.execute(f"select v from {t}").fetchall() == [("kept",)]
+    # Explicit BEGIN/ROLLBACK in autocommit mode, and a savepoint.
+    b.execute("begin")
+    b.execute(f"insert into {t} values (3, 'x')")
+    b.execute("rollback")
+    with a.transaction():
+        a.execute(f"insert into {t} values (4, 'outer')")
+        with pytest.raises(errors.UniqueViolation):
             with a.transaction():
-                a.execute(f"insert into {t} values (6, 'no')")
-                raise RuntimeError("boom")
-        assert d.execute(f"select id from {t} order by id").fetchall() == [(2,), (4,)]
-        assert a.execute("select 1").fetchone() == (1,)
-        a.rollback()
-        # A rolled-back transaction's backend serves the next one cleanly.
-        a.execute(f"insert into {t} values (7, 'y')")
-        a.rollback()
-        assert b.execute(f"select count(*) from {t} where id = 7").fetchone() == (0,)
-    finally:
-        close_clients()
-        d.execute(f"drop table {t}")
+                a.execute(f"insert into {t} values (5, 'inner')")
+                a.execute(f"insert into {t} values (2, 'dup')")
+    a.commit()
+    assert d.execute(f"select id from {t} order by id").fetchall() == [(2,), (4,)]
+    # Context-managed transaction that raises: rolled back.
+    with pytest.raises(RuntimeError):
+        with a.transaction():
+            a.execute(f"insert into {t} values (6, 'no')")
+            raise RuntimeError("boom")
+    assert d.execute(f"select id from {t} order by id").fetchall() == [(2,), (4,)]
+    assert a.execute("select 1").fetchone() == (1,)
+    a.rollback()
+    # A rolled-back transaction's backend serves the next one cleanly.
+    a.execute(f"insert into {t} values (7, 'y')")
+    a.rollback()
+    assert b.execute(f"select count(*) from {t} where id = 7").fetchone() == (0,)
 
 
-def test_many_connections_interleaving_transactions(server):
-    t = uniq("pf_many")
-    d = direct(server)
-    d.execute(f"create table {t} (conn int, n int, primary key (conn, n))")
-    try:
-        # One thread, three sessions with open transactions at once: isolation holds.
-        c = [connect(server.dsn()) for _ in range(3)]
-        committed = [0, 0, 0]
-        pending = [0, 0, 0]
-        for n in range(5):
-            for i, conn in enumerate(c):
-                conn.execute(f"insert into {t} values (%s, %s)", (i, n))
-                pending[i] += 1
-            for i, conn in enumerate(c):
-                # Its own rows, committed or not; of the others' only the committed.
-                assert conn.execute(f"select count(*) from {t} where conn = %s",
-                                    (i,)).fetchone() == (committed[i] + pending[i],)
-                others = sum(committed[j] for j in range(3) if j != i)
-                assert conn.execute(f"select count(*) from {t} where conn <> %s",
-                                    (i,)).fetchone() == (others,)
-            for i, conn in enumerate(c):
-                if i == 0 or (i == 2 and n % 2):
-                    conn.commit()
-                    committed[i] += pending[i]
-                    pending[i] = 0
-                elif i == 1:
-                    conn.rollback()
-                    pending[i] = 0
-                # conn 2 keeps its transaction open over even rounds
-        c[2].rollback()
-        got = d.execute(f"select conn, count(*) from {t} group by conn order by conn").fetchall()
-        # conn 0 committed every round, conn 1 none, conn 2 rounds 0-3 (lost round 4)
-        assert got == [(0, 5), (2, 4)]
-        d.execute(f"truncate {t}")
+def test_many_connections_interleaving_transactions(server, scratch):
+    t, d = scratch("pf_many", "create table {name} (conn int, n int, primary key (conn, n))")
+    # One thread, three sessions with open transactions at once: isolation holds.
+    c = [connect(server.dsn()) for _ in range(3)]
+    committed = [0, 0, 0]
+    pending = [0, 0, 0]
+    for n in range(5):
+        for i, conn in enumerate(c):
+            conn.execute(f"insert into {t} values (%s, %s)", (i, n))
+            pending[i] += 1
+        for i, conn in enumerate(c):
+            # Its own rows, committed or not; of the others' only the committed.
+            assert conn.execute(f"select count(*) from {t} where conn = %s",
+                                (i,)).fetchone() == (committed[i] + pending[i],)
+            others = sum(committed[j] for j in range(3) if j != i)
+            assert conn.execute(f"select count(*) from {t} where conn <> %s",
+                                (i,)).fetchone() == (others,)
+        for i, conn in enumerate(c):
+            if i == 0 or (i == 2 and n % 2):
+                conn.commit()
+                committed[i] += pending[i]
+                pending[i] = 0
+            elif i == 1:
+                conn.rollback()
+                pending[i] = 0
+            # conn 2 keeps its transaction open over even rounds
+    c[2].rollback()
+    got = d.execute(f"select conn, count(*) from {t} group by conn order by conn").fetchall()
+    # conn 0 committed every round, conn 1 none, conn 2 rounds 0-3 (lost round 4)
+    assert got == [(0, 5), (2, 4)]
+    d.execute(f"truncate {t}")
 
-        # Many sessions, many threads, transactions committed and rolled back at random.
-        nthreads, ntx = 16, 15
-        committed: dict[int, set[int]] = {i: set() for i in range(nthreads)}
+    # Many sessions, many threads, transactions committed and rolled back at random.
+    nthreads, ntx = 16, 15
+    committed: dict[int, set[int]] = {i: set() for i in range(nthreads)}
 
-        def worker(i: int) -> None:
-            rnd = random.Random(i)
-            conn = connect(server.dsn())
-            for n in range(ntx):
-                conn.execute(f"insert into {t} values (%s, %s)", (i, n))
-                assert conn.execute(f"select count(*) from {t} where conn = %s",
-                                    (i,)).fetchone() == (len(committed[i]) + 1,)
-                if rnd.random() < 0.6:
-                    conn.commit()
-                    committed[i].add(n)
-                else:
-                    conn.rollback()
-            conn.close()
+    def worker(i: int) -> None:
+        rnd = random.Random(i)
+        conn = connect(server.dsn())
+        for n in range(ntx):
+            conn.execute(f"insert into {t} values (%s, %s)", (i, n))
+            assert conn.execute(f"select count(*) from {t} where conn = %s",
+                                (i,)).fetchone() == (len(committed[i]) + 1,)
+            if rnd.random() < 0.6:
+                conn.commit()
+                committed[i].add(n)
+            else:
+                conn.rollback()
+        conn.close()
 
-        run_threads([lambda i=i: worker(i) for i in range(nthreads)])
-        rows = d.execute(f"select conn, n from {t}").fetchall()
-        want = {(i, n) for i, ns in committed.items() for n in ns}
-        assert set(rows) == want and len(rows) == len(want)
-    finally:
-        close_clients()
-        d.execute(f"drop table {t}")
+    run_threads([lambda i=i: worker(i) for i in range(nthreads)])
+    rows = d.execute(f"select conn, n from {t}").fetchall()
+    want = {(i, n) for i, ns in committed.items() for n in ns}
+    assert set(rows) == want and len(rows) == len(want)
 
 
 # -- COPY -------------------------------------------------------------------------------------
 
-def test_copy_from_stdin_and_to_stdout(server):
-    t = uniq("pf_copy")
-    d = direct(server)
+def test_copy_from_stdin_and_to_stdout(server, scratch):
+    t, d = scratch("pf_copy")
     n = 10_000
 
     def row(i: int):
         name = None if i % 13 == 0 else f'name {i}, "quoted"\ttab\\slash é'
         return (i, name, None if i % 7 == 0 else i * 1.5)
 
-    try:
-        conn = connect(server.dsn())
-        conn.execute(f"create table {t} (id int primary key, name text, val float8)")
-        with conn.cursor() as cur:
-            with cur.copy(f"copy {t} (id, name, val) from stdin") as copy:
-                for i in range(n):
-                    copy.write_row(row(i))
-            assert cur.rowcount == n
-        conn.commit()
-        got = d.execute(f"select count(*), sum(id), count(name), count(val) from {t}").fetchone()
-        assert got == (n, n * (n - 1) // 2, n - len(range(0, n, 13)), n - len(range(0, n, 7)))
-        assert d.execute(f"select name from {t} where id = 1").fetchone() == (row(1)[1],)
+    conn = connect(server.dsn())
+    conn.execute(f"create table {t} (id int primary key, name text, val float8)")
+    with conn.cursor() as cur:
+        with cur.copy(f"copy {t} (id, name, val) from stdin") as copy:
+            for i in range(n):
+                copy.write_row(row(i))
+        assert cur.rowcount == n
+    conn.commit()
+    got = d.execute(f"select count(*), sum(id), count(name), count(val) from {t}").fetchone()
+    assert got == (n, n * (n - 1) // 2, n - len(range(0, n, 13)), n - len(range(0, n, 7)))
+    assert d.execute(f"select name from {t} where id = 1").fetchone() == (row(1)[1],)
 
-        # COPY TO STDOUT, text rows, then typed rows.
-        with conn.cursor() as cur:
-            with cur.copy(f"copy (select id, name, val from {t} order by id) to stdout") as copy:
-                copy.set_types(["int4", "text", "float8"])
-                out = list(copy.rows())
-        assert out == [row(i) for i in range(n)]
-        with conn.cursor() as cur:
-            with cur.copy(f"copy (select id from {t} where id < 5 order by id) to stdout") as copy:
-                raw = b"".join(bytes(b) for b in copy)
-        assert raw == b"0\n1\n2\n3\n4\n"
-        conn.commit()
+    # COPY TO STDOUT, text rows, then typed rows.
+    with conn.cursor() as cur:
+        with cur.copy(f"copy (select id, name, val from {t} order by id) to stdout") as copy:
+            copy.set_types(["int4", "text", "float8"])
+            out = list(copy.rows())
+    assert out == [row(i) for i in range(n)]
+    with conn.cursor() as cur:
+        with cur.copy(f"copy (select id from {t} where id < 5 order by id) to stdout") as copy:
+            raw = b"".join(bytes(b) for b in copy)
+    assert raw == b"0\n1\n2\n3\n4\n"
+    conn.commit()
 
-        # Binary COPY in, in a transaction that is rolled back: nothing stays.
-        with conn.cursor() as cur:
-            with cur.copy(f"copy {t} (id, name, val) from stdin (format binary)") as copy:
-                copy.set_types(["int4", "text", "float8"])
-                for i in range(n, n + 500):
-                    copy.write_row((i, "bin", 0.5))
-        assert conn.execute(f"select count(*) from {t}").fetchone() == (n + 500,)
-        conn.rollback()
-        assert d.execute(f"select count(*) from {t}").fetchone() == (n,)
+    # Binary COPY in, in a transaction that is rolled back: nothing stays.
+    with conn.cursor() as cur:
+        with cur.copy(f"copy {t} (id, name, val) from stdin (format binary)") as copy:
+            copy.set_types(["int4", "text", "float8"])
+            for i in range(n, n + 500):
+                copy.write_row((i, "bin", 0.5))
+    assert conn.execute(f"select count(*) from {t}").fetchone() == (n + 500,)
+    conn.rollback()
+    assert d.execute(f"select count(*) from {t}").fetchone() == (n,)
 
-        # A COPY that fails half way (duplicate key) leaves the session usable.
-        with pytest.raises(errors.UniqueViolation) as ei:
-            with conn.cursor() as cur:
-                with cur.copy(f"copy {t} (id) from stdin") as copy:
-                    for i in range(n - 10, n + 10):
-                        copy.write_row((i,))
-        assert ei.value.sqlstate == "23505"
-        conn.rollback()
-        assert conn.execute(f"select count(*) from {t}").fetchone() == (n,)
-        conn.commit()
-    finally:
-        close_clients()
-        d.execute(f"drop table if exists {t}")
+    # A COPY that fails half way (duplicate key) leaves the session usable.
+    with pytest.raises(errors.UniqueViolation) as ei:
+        with conn.cursor() as cur:
+            with cur.copy(f"copy {t} (id) from stdin") as copy:
+                for i in range(n - 10, n + 10):
+                    copy.write_row((i,))
+    assert ei.value.sqlstate == "23505"
+    conn.rollback()
+    assert conn.execute(f"select count(*) from {t}").fetchone() == (n,)
+    conn.commit()
 
 
 # -- prepared statements ----------------------------------------------------------------------
 
-def test_server_side_prepared_statements(server):
-    t = uniq("pf_prep")
-    d = direct(server)
-    d.execute(f"create table {t} (id int primary key, v text)")
-    d.execute(f"insert into {t} select g, 'v' || g from generate_series(1, 500) g")
+def test_server_side_prepared_statements(server, scratch):
+    t, d = scratch("pf_prep", "create table {name} (id int primary key, v text)",
+                   "insert into {name} select g, 'v' || g from generate_series(1, 500) g")
     marker = uniq("prepmark")
     q_sum = f"select %s::int + %s::int as s, '{marker}' as m"
     q_row = f"select id, v from {t} where id = %s"
-    try:
-        conn = connect(server.dsn(), autocommit=True, prepare_threshold=0)
-        for i in range(200):
-            assert conn.execute(q_sum, (i, 1000)).fetchone() == (i + 1000, marker)
-            assert conn.execute(q_row, (i % 500 + 1,)).fetchone() == (i % 500 + 1, f"v{i % 500 + 1}")
-        # Inside one transaction (one backend): the statement is prepared there under a
-        # pgfleet name, not the client's.
-        with conn.transaction():
-            assert conn.execute(q_sum, (1, 2)).fetchone() == (3, marker)
-            names = conn.execute(
-                "select name, statement from pg_prepared_statements", prepare=False
-            ).fetchall()
-        ours = [n for n, s in names if marker in s]
-        assert ours, names
-        assert all(n.startswith("pgf_") for n in ours), ours
-        assert not any(n.startswith("_pg3_") for n, _ in names), names
+    conn = connect(server.dsn(), autocommit=True, prepare_threshold=0)
+    for i in range(200):
+        assert conn.execute(q_sum, (i, 1000)).fetchone() == (i + 1000, marker)
+        assert conn.execute(q_row, (i % 500 + 1,)).fetchone() == (i % 500 + 1, f"v{i % 500 + 1}")
+    # Inside one transaction (one backend): the statement is prepared there under a
+    # pgfleet name, not the client's.
+    with conn.transaction():
+        assert conn.execute(q_sum, (1, 2)).fetchone() == (3, marker)
+        names = conn.execute(
+            "select name, statement from pg_prepared_statements", prepare=False
+        ).fetchall()
+    ours = [n for n, s in names if marker in s]
+    assert ours, names
+    assert all(n.startswith("pgf_") for n in ours), ours
+    assert not any(n.startswith("_pg3_") for n, _ in names), names
 
-        # Several sessions preparing the same and different texts concurrently, so that
-        # statements meet backends that lack them.
-        def worker(k: int) -> None:
-            c = connect(server.dsn(), prepare_threshold=0)
-            for i in range(60):
-                assert c.execute(q_sum, (i, k)).fetchone() == (i + k, marker)
-                assert c.execute(f"select %s::text || '-{k}'", (str(i),)).fetchone() == (f"{i}-{k}",)
-                if i % 10 == 0:
-                    c.commit()
-                    assert c.execute(q_row, (k + 1,)).fetchone() == (k + 1, f"v{k + 1}")
-                    c.rollback()
-            c.close()
+    # Several sessions preparing the same and different texts concurrently, so that
+    # statements meet backends that lack them.
+    def worker(k: int) -> None:
+        c = connect(server.dsn(), prepare_threshold=0)
+        for i in range(60):
+            assert c.execute(q_sum, (i, k)).fetchone() == (i + k, marker)
+            assert c.execute(f"select %s::text || '-{k}'", (str(i),)).fetchone() == (f"{i}-{k}",)
+            if i % 10 == 0:
+                c.commit()
+                assert c.execute(q_row, (k + 1,)).fetchone() == (k + 1, f"v{k + 1}")
+                c.rollback()
+        c.close()
 
-        run_threads([lambda k=k: worker(k) for k in range(8)])
+    run_threads([lambda k=k: worker(k) for k in range(8)])
 
-        # Errors at Parse, Bind and Execute of prepared statements.
-        with pytest.raises(errors.SyntaxError):
-            conn.execute("selec %s", (1,))
-        with pytest.raises(errors.SyntaxError):
-            conn.execute("selec %s", (1,))
-        with pytest.raises(errors.InvalidTextRepresentation):
-            conn.execute("select %s::int", ("nope",))
-        with pytest.raises(errors.DivisionByZero):
-            conn.execute("select 1 / %s::int", (0,))
-        assert conn.execute("select 1 / %s::int", (1,)).fetchone() == (1,)
-        assert conn.execute(q_sum, (5, 5)).fetchone() == (10, marker)
-        # A pipeline of prepared executions.
-        with conn.pipeline():
-            curs = [conn.execute(q_sum, (i, i)) for i in range(20)]
-        assert [c.fetchone() for c in curs] == [(2 * i, marker) for i in range(20)]
-    finally:
-        close_clients()
-        d.execute(f"drop table {t}")
+    # Errors at Parse, Bind and Execute of prepared statements.
+    with pytest.raises(errors.SyntaxError):
+        conn.execute("selec %s", (1,))
+    with pytest.raises(errors.SyntaxError):
+        conn.execute("selec %s", (1,))
+    with pytest.raises(errors.InvalidTextRepresentation):
+        conn.execute("select %s::int", ("nope",))
+    with pytest.raises(errors.DivisionByZero):
+        conn.execute("select 1 / %s::int", (0,))
+    assert conn.execute("select 1 / %s::int", (1,)).fetchone() == (1,)
+    assert conn.execute(q_sum, (5, 5)).fetchone() == (10, marker)
+    # A pipeline of prepared executions.
+    with conn.pipeline():
+        curs = [conn.execute(q_sum, (i, i)) for i in range(20)]
+    assert [c.fetchone() for c in curs] == [(2 * i, marker) for i in range(20)]
 
 
 # -- cancel -----------------------------------------------------------------------------------
@@ -522,7 +456,7 @@ def _sleep_and_cancel(server, conn: psycopg.Connection, marker: str) -> BaseExce
 
     th = threading.Thread(target=run, daemon=True)
     th.start()
-    seen = wait_for(lambda: d.execute(
+    seen = poll(lambda: d.execute(
         "select count(*) from pg_stat_activity where state = 'active' and query like %s "
         "and pid <> pg_backend_pid()", (f"%{marker}%",)).fetchone()[0])
     assert seen, "the sleeping query never showed up in pg_stat_activity"
@@ -532,7 +466,7 @@ def _sleep_and_cancel(server, conn: psycopg.Connection, marker: str) -> BaseExce
         _cut(conn)
         th.join(10)
         raise AssertionError("the cancelled query was still running 20 s after the cancel")
-    assert wait_for(lambda: d.execute(
+    assert poll(lambda: d.execute(
         "select count(*) = 0 from pg_stat_activity where state = 'active' and query like %s "
         "and pid <> pg_backend_pid()", (f"%{marker}%",)).fetchone()[0], timeout=10)
     return result[0]
@@ -564,52 +498,46 @@ def test_cancel_running_query(server):
 # -- errors -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("autocommit", [True, False])
-def test_errors_keep_session_usable(server, autocommit):
-    t = uniq("pf_err")
-    d = direct(server)
-    d.execute(f"create table {t} (id int primary key)")
-    d.execute(f"insert into {t} values (1)")
-    try:
-        conn = connect(server.dsn(), autocommit=autocommit)
-        cases = [
-            ("select 1 / 0", None, errors.DivisionByZero, "22012", "division by zero"),
-            (f"insert into {t} values (1)", None, errors.UniqueViolation, "23505",
-             "duplicate key value violates unique constraint"),
-            ("selec 1", None, errors.SyntaxError, "42601", 'syntax error at or near "selec"'),
-            ("select 1 / %s::int", (0,), errors.DivisionByZero, "22012", "division by zero"),
-            (f"insert into {t} values (%s)", (1,), errors.UniqueViolation, "23505", "duplicate key"),
-            ("select * from no_such_table_xyz", None, errors.UndefinedTable, "42P01",
-             'relation "no_such_table_xyz" does not exist'),
-        ]
-        for query, params, cls, code, text in cases:
-            with pytest.raises(cls) as ei:
-                conn.execute(query, params)
-            assert ei.value.sqlstate == code
-            assert ei.value.diag.sqlstate == code
-            assert text in ei.value.diag.message_primary
-            if not autocommit:
-                with pytest.raises(errors.InFailedSqlTransaction) as ei2:
-                    conn.execute("select 1")
-                assert ei2.value.sqlstate == "25P02"
-                conn.rollback()
-            assert conn.execute("select 2").fetchone() == (2,)
-            if not autocommit:
-                conn.commit()
-        # The unique-violation detail names the key, as Postgres does.
-        with pytest.raises(errors.UniqueViolation) as ei:
-            conn.execute(f"insert into {t} values (1)")
-        assert ei.value.diag.message_detail == "Key (id)=(1) already exists."
+def test_errors_keep_session_usable(server, scratch, autocommit):
+    t, d = scratch("pf_err", "create table {name} (id int primary key)",
+                   "insert into {name} values (1)")
+    conn = connect(server.dsn(), autocommit=autocommit)
+    cases = [
+        ("select 1 / 0", None, errors.DivisionByZero, "22012", "division by zero"),
+        (f"insert into {t} values (1)", None, errors.UniqueViolation, "23505",
+         "duplicate key value violates unique constraint"),
+        ("selec 1", None, errors.SyntaxError, "42601", 'syntax error at or near "selec"'),
+        ("select 1 / %s::int", (0,), errors.DivisionByZero, "22012", "division by zero"),
+        (f"insert into {t} values (%s)", (1,), errors.UniqueViolation, "23505", "duplicate key"),
+        ("select * from no_such_table_xyz", None, errors.UndefinedTable, "42P01",
+         'relation "no_such_table_xyz" does not exist'),
+    ]
+    for query, params, cls, code, text in cases:
+        with pytest.raises(cls) as ei:
+            conn.execute(query, params)
+        assert ei.value.sqlstate == code
+        assert ei.value.diag.sqlstate == code
+        assert text in ei.value.diag.message_primary
         if not autocommit:
+            with pytest.raises(errors.InFailedSqlTransaction) as ei2:
+                conn.execute("select 1")
+            assert ei2.value.sqlstate == "25P02"
             conn.rollback()
-        # Error in the middle of a multi-statement simple query: earlier ones stand.
-        if autocommit:
-            with pytest.raises(errors.DivisionByZero):
-                conn.execute(f"insert into {t} values (50); select 1/0; insert into {t} values (51)")
-            assert d.execute(f"select id from {t} order by id").fetchall() == [(1,)]
-        assert conn.execute(f"select count(*) from {t}").fetchone() == (1,)
-    finally:
-        close_clients()
-        d.execute(f"drop table {t}")
+        assert conn.execute("select 2").fetchone() == (2,)
+        if not autocommit:
+            conn.commit()
+    # The unique-violation detail names the key, as Postgres does.
+    with pytest.raises(errors.UniqueViolation) as ei:
+        conn.execute(f"insert into {t} values (1)")
+    assert ei.value.diag.message_detail == "Key (id)=(1) already exists."
+    if not autocommit:
+        conn.rollback()
+    # Error in the middle of a multi-statement simple query: earlier ones stand.
+    if autocommit:
+        with pytest.raises(errors.DivisionByZero):
+            conn.execute(f"insert into {t} values (50); select 1/0; insert into {t} values (51)")
+        assert d.execute(f"select id from {t} order by id").fetchall() == [(1,)]
+    assert conn.execute(f"select count(*) from {t}").fetchone() == (1,)
 
 
 # -- startup parameters -----------------------------------------------------------------------
@@ -625,60 +553,54 @@ def _compare_with_postgres(server, conn_kw: dict, queries: list[str]) -> tuple:
     return mine, ref
 
 
-def test_startup_options_are_applied(server):
-    schema = uniq("myschema")
+def test_startup_options_are_applied(server, scratch):
+    schema, d = scratch("myschema", "create schema {name}",
+                        "create table {name}.only_here (x int)",
+                        "insert into {name}.only_here values (7)", kind="schema")
     app = uniq("myapp")
-    d = direct(server)
-    d.execute(f"create schema {schema}")
-    d.execute(f"create table {schema}.only_here (x int)")
-    d.execute(f"insert into {schema}.only_here values (7)")
-    try:
-        kw = dict(
-            options=f"-c search_path={schema},public -c statement_timeout=5000 "
-                    r"-c DateStyle=SQL,\ DMY -c TimeZone=Asia/Tokyo -c extra_float_digits=0",
-            application_name=app,
-            client_encoding="LATIN1",
-        )
-        queries = [
-            "show search_path", "show statement_timeout", "show datestyle", "show timezone",
-            "show extra_float_digits", "show application_name", "show client_encoding",
-            "select current_setting('search_path'), current_setting('TimeZone')",
-            "select (0.1::float8 + 0.2::float8)::text",
-            "select '2020-01-02 03:04:05+00'::timestamptz::text, '2020-03-04'::date::text",
-            "select 'é'::text, length('é')",
-        ]
-        conn, _ = _compare_with_postgres(server, kw, queries)
-        assert conn.execute("show search_path").fetchone() == (f"{schema},public",)
-        assert conn.execute("show statement_timeout").fetchone() == ("5s",)
-        assert conn.execute("show client_encoding").fetchone() == ("LATIN1",)
-        assert conn.info.encoding == "iso8859-1"
-        assert conn.execute("select (0.1::float8 + 0.2::float8)::text").fetchone() == ("0.3",)
-        assert conn.info.parameter_status("application_name") == app
-        assert conn.info.parameter_status("DateStyle") == "SQL, DMY"
-        assert conn.info.parameter_status("TimeZone") == "Asia/Tokyo"
-        assert conn.info.parameter_status("client_encoding") == "LATIN1"
-        # The settings hold in every transaction, on whichever backend serves them,
-        # while sessions without them (interleaved) see the defaults.
-        plain = connect(server.dsn())
-        for _ in range(10):
-            with conn.transaction():
-                assert conn.execute("select x from only_here").fetchone() == (7,)
-                assert conn.execute("select current_setting('TimeZone')").fetchone() == ("Asia/Tokyo",)
-            assert plain.execute("show search_path").fetchone() == ('"$user", public',)
-            assert plain.execute("show timezone").fetchone() != ("Asia/Tokyo",)
-            with pytest.raises(errors.UndefinedTable):
-                plain.execute("select x from only_here")
-            plain.rollback()
-        # statement_timeout is really in force.
-        short = connect(server.dsn(), options="-c statement_timeout=200")
-        with pytest.raises(errors.QueryCanceled) as ei:
-            short.execute("select pg_sleep(5)")
-        assert "statement timeout" in str(ei.value)
-        short.rollback()
-        assert short.execute("show statement_timeout").fetchone() == ("200ms",)
-    finally:
-        close_clients()
-        d.execute(f"drop schema {schema} cascade")
+    kw = dict(
+        options=f"-c search_path={schema},public -c statement_timeout=5000 "
+                r"-c DateStyle=SQL,\ DMY -c TimeZone=Asia/Tokyo -c extra_float_digits=0",
+        application_name=app,
+        client_encoding="LATIN1",
+    )
+    queries = [
+        "show search_path", "show statement_timeout", "show datestyle", "show timezone",
+        "show extra_float_digits", "show application_name", "show client_encoding",
+        "select current_setting('search_path'), current_setting('TimeZone')",
+        "select (0.1::float8 + 0.2::float8)::text",
+        "select '2020-01-02 03:04:05+00'::timestamptz::text, '2020-03-04'::date::text",
+        "select 'é'::text, length('é')",
+    ]
+    conn, _ = _compare_with_postgres(server, kw, queries)
+    assert conn.execute("show search_path").fetchone() == (f"{schema},public",)
+    assert conn.execute("show statement_timeout").fetchone() == ("5s",)
+    assert conn.execute("show client_encoding").fetchone() == ("LATIN1",)
+    assert conn.info.encoding == "iso8859-1"
+    assert conn.execute("select (0.1::float8 + 0.2::float8)::text").fetchone() == ("0.3",)
+    assert conn.info.parameter_status("application_name") == app
+    assert conn.info.parameter_status("DateStyle") == "SQL, DMY"
+    assert conn.info.parameter_status("TimeZone") == "Asia/Tokyo"
+    assert conn.info.parameter_status("client_encoding") == "LATIN1"
+    # The settings hold in every transaction, on whichever backend serves them,
+    # while sessions without them (interleaved) see the defaults.
+    plain = connect(server.dsn())
+    for _ in range(10):
+        with conn.transaction():
+            assert conn.execute("select x from only_here").fetchone() == (7,)
+            assert conn.execute("select current_setting('TimeZone')").fetchone() == ("Asia/Tokyo",)
+        assert plain.execute("show search_path").fetchone() == ('"$user", public',)
+        assert plain.execute("show timezone").fetchone() != ("Asia/Tokyo",)
+        with pytest.raises(errors.UndefinedTable):
+            plain.execute("select x from only_here")
+        plain.rollback()
+    # statement_timeout is really in force.
+    short = connect(server.dsn(), options="-c statement_timeout=200")
+    with pytest.raises(errors.QueryCanceled) as ei:
+        short.execute("select pg_sleep(5)")
+    assert "statement timeout" in str(ei.value)
+    short.rollback()
+    assert short.execute("show statement_timeout").fetchone() == ("200ms",)
 
 
 def test_startup_parameters_sent_as_such(server, monkeypatch):
@@ -732,7 +654,7 @@ def test_application_name_in_pg_stat_activity(server):
             target=lambda c=c, mark=mark: c.execute(f"select pg_sleep(2) /* {mark} */"),
             daemon=True)
         th.start()
-        got = wait_for(lambda mark=mark: seen_app(mark), timeout=10, interval=0.02)
+        got = poll(lambda mark=mark: seen_app(mark), timeout=10, interval=0.02)
         th.join(30)
         assert not th.is_alive()
         assert got is not None, "the query never showed up in pg_stat_activity"
@@ -897,52 +819,36 @@ def test_trust_auth(make_server):
 
 # -- pinning ----------------------------------------------------------------------------------
 
-def test_set_search_path_pins_session(server):
-    schema = uniq("pinschema")
-    d = direct(server)
-    d.execute(f"create schema {schema}")
-    d.execute(f"create table {schema}.pinned_only (x int)")
-    try:
-        a = connect(server.dsn())
-        a.execute(f"set search_path = {schema}, public")
-        a.commit()
-        stop = threading.Event()
+def test_set_search_path_pins_session(server, scratch):
+    schema, d = scratch("pinschema", "create schema {name}",
+                        "create table {name}.pinned_only (x int)", kind="schema")
+    a = connect(server.dsn())
+    a.execute(f"set search_path = {schema}, public")
+    a.commit()
 
-        def other(k: int) -> None:
-            c = connect(server.dsn())
-            n = 0
-            while not stop.is_set() or n < 5:
-                with c.transaction():
-                    assert c.execute("show search_path").fetchone() == ('"$user", public',)
-                with pytest.raises(errors.UndefinedTable):
-                    c.execute("select * from pinned_only")
-                c.rollback()
-                n += 1
-            c.close()
-
-        def pinned() -> None:
-            try:
-                for i in range(30):
-                    assert a.execute("show search_path").fetchone() == (f"{schema}, public",)
-                    a.execute("insert into pinned_only values (%s)", (i,))
-                    if i % 3 == 2:
-                        a.rollback()
-                    else:
-                        a.commit()
-            finally:
-                stop.set()
-
-        run_threads([pinned] + [lambda k=k: other(k) for k in range(8)])
-        assert d.execute(f"select count(*) from {schema}.pinned_only").fetchone() == (20,)
-        a.close()
-        # Its backend is reset before anyone else gets it.
-        for _ in range(8):
-            c = connect(server.dsn(), autocommit=True)
+    def other(c: psycopg.Connection) -> None:
+        with c.transaction():
             assert c.execute("show search_path").fetchone() == ('"$user", public',)
-            c.close()
-    finally:
-        close_clients()
-        d.execute(f"drop schema {schema} cascade")
+        with pytest.raises(errors.UndefinedTable):
+            c.execute("select * from pinned_only")
+
+    def pinned() -> None:
+        for i in range(30):
+            assert a.execute("show search_path").fetchone() == (f"{schema}, public",)
+            a.execute("insert into pinned_only values (%s)", (i,))
+            if i % 3 == 2:
+                a.rollback()
+            else:
+                a.commit()
+
+    run_beside(server, pinned, other, 8)
+    assert d.execute(f"select count(*) from {schema}.pinned_only").fetchone() == (20,)
+    a.close()
+    # Its backend is reset before anyone else gets it.
+    for _ in range(8):
+        c = connect(server.dsn(), autocommit=True)
+        assert c.execute("show search_path").fetchone() == ('"$user", public',)
+        c.close()
 
 
 def test_temp_table_pins_session(server):
@@ -951,36 +857,26 @@ def test_temp_table_pins_session(server):
     a.execute(f"create temp table {tt} (x int)")
     a.commit()
     d = direct(server)
-    stop = threading.Event()
 
-    def other() -> None:
-        c = connect(server.dsn())
-        n = 0
-        while not stop.is_set() or n < 5:
-            with pytest.raises(errors.UndefinedTable):
-                c.execute(f"select * from {tt}")
-            c.rollback()
-            n += 1
-        c.close()
+    def other(c: psycopg.Connection) -> None:
+        with pytest.raises(errors.UndefinedTable):
+            c.execute(f"select * from {tt}")
 
     def owner() -> None:
-        try:
-            for i in range(40):
-                a.execute(f"insert into {tt} values (%s)", (i,))
-                a.commit()
-                assert a.execute(f"select count(*) from {tt}").fetchone() == (i + 1,)
-                a.rollback()
-        finally:
-            stop.set()
+        for i in range(40):
+            a.execute(f"insert into {tt} values (%s)", (i,))
+            a.commit()
+            assert a.execute(f"select count(*) from {tt}").fetchone() == (i + 1,)
+            a.rollback()
 
-    run_threads([owner] + [other for _ in range(6)])
+    run_beside(server, owner, other, 6)
     assert a.execute(f"select sum(x) from {tt}").fetchone() == (sum(range(40)),)
     a.commit()
     assert d.execute("select count(*) from pg_class where relname = %s", (tt,)).fetchone() == (1,)
     a.close()
     # The table goes with the session (its backend is reset).
-    assert wait_for(lambda: d.execute("select count(*) = 0 from pg_class where relname = %s",
-                                      (tt,)).fetchone()[0])
+    assert poll(lambda: d.execute("select count(*) = 0 from pg_class where relname = %s",
+                                  (tt,)).fetchone()[0])
 
 
 def test_advisory_lock_pins_session(server):
