@@ -106,3 +106,14 @@ def drops_statements(sql: bytes) -> bool:
     return (b"deallocate" in low or b"discard" in low) and (
         _DROPS_STATEMENTS.search(_blank(low)) is not None
     )
+
+
+_MIGHT_UNPIN = (b"discard", b"drop", b"unlock", b"close", b"unlisten", b"reset", b"deallocate",
+                b"rollback", b"abort")
+
+
+def might_unpin(sql: bytes) -> bool:
+    """True if ``sql`` may remove pinning state (drop a temp table, unlock, close a
+    cursor, UNLISTEN, DEALLOCATE, RESET ROLE, roll back): worth asking the backend."""
+    low = sql.lower()
+    return any(word in low for word in _MIGHT_UNPIN)

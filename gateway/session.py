@@ -20,9 +20,16 @@ from pgwire import frontend as fe
 from pgwire import sqlstate
 from pgwire.errors import ProtocolViolation, error_response
 from pgwire.framing import MessageFramer, StartupFramer
+from pgwire.quoting import quote_literal
 
 from .backend import K_BIND, K_CLOSE, K_DESC_P, K_DESC_S, K_EXEC, K_PARSE, K_QUERY, K_SYNC
-from .classify import changes_settings, drops_statements, pin_reason, reset_targets
+from .classify import (
+    changes_settings,
+    drops_statements,
+    might_unpin,
+    pin_reason,
+    reset_targets,
+)
 from .login import Login
 
 if TYPE_CHECKING:
@@ -36,6 +43,19 @@ COPY_MSGS = frozenset(b"dcf")
 EXTENDED = frozenset(b"PBDECH")
 RFQ_IDLE = b"Z\x00\x00\x00\x05I"
 # Session-level settings as Postgres sees them; SET ROLE / SESSION AUTHORIZATION pin instead.
+# What still ties a session to its backend, in the order of PIN_REASONS.
+PIN_REASONS = ("temp_table", "advisory_lock", "with_hold_cursor", "sql_prepare", "listen",
+               "set_role")
+PIN_QUERY = (
+    "SELECT EXISTS (SELECT FROM pg_catalog.pg_class"
+    " WHERE relnamespace = pg_catalog.pg_my_temp_schema()),"
+    " EXISTS (SELECT FROM pg_catalog.pg_locks"
+    " WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()),"
+    " EXISTS (SELECT FROM pg_catalog.pg_cursors WHERE is_holdable),"
+    " EXISTS (SELECT FROM pg_catalog.pg_prepared_statements WHERE from_sql),"
+    " EXISTS (SELECT FROM pg_catalog.pg_listening_channels()),"
+    " current_user <> {user} OR session_user <> {user}"
+)
 SETTINGS_QUERY = fe.encode_query(
     "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' "
     "AND name NOT IN ('role', 'session_authorization')"
@@ -85,6 +105,9 @@ class Session(asyncio.Protocol):
         self.wait_timer: asyncio.TimerHandle | None = None
         self.pending: deque[tuple[int, bytes, bytes]] = deque()
         self.pins: set[str] = set()
+        # Something ran that may have removed the pinning state: ask the backend what
+        # is left before deciding the session is still pinned.
+        self.pin_check = False
         # client statement name -> (backend name, Parse message under that name)
         self.stmts: dict[bytes, tuple[bytes, bytes]] = {}
         self.unnamed_parse: bytes | None = None
@@ -353,10 +376,17 @@ class Session(asyncio.Protocol):
         self.skip_until_sync = failed
         self.write_client(b"".join(out))
 
+    def _note_pins(self, sql: bytes) -> None:
+        reason = pin_reason(sql)
+        if reason is not None:
+            self.pins.add(reason)
+            self.pin_check = True  # its transaction may still roll it back
+        elif self.pins and might_unpin(sql):
+            self.pin_check = True
+
     def _maybe_release(self, link: BackendLink) -> None:
         if (
             self.link is link
-            and not self.pins
             and not link.queue
             and link.status == "I"
             and not link.copy_in
@@ -364,6 +394,11 @@ class Session(asyncio.Protocol):
             and not self.unsynced
             and not link.dead
         ):
+            if self.pins:
+                if self.pin_check and "load" not in self.pins:
+                    self._recheck_pins(link)
+                    link.flush()
+                return
             if self.settings_dirty:
                 self._reread_settings(link)
                 link.flush()
@@ -384,6 +419,20 @@ class Session(asyncio.Protocol):
             query = link.queue[-1]
             if self.worker.apply_settings(link, again, quiet=True, force=True):
                 query.hold_z = True
+
+    def _recheck_pins(self, link: BackendLink) -> None:
+        """Ask the backend which backend-local state the session still has; with none
+        left, the session shares backends again."""
+        self.pin_check = False
+        rows: list[list[bytes | None]] = []
+
+        def done(ok: bool) -> None:
+            if ok and rows:
+                self.pins = {r for r, v in zip(PIN_REASONS, rows[0], strict=True) if v == b"t"}
+
+        user = quote_literal(self.user)
+        link.expect(K_QUERY, swallow=1, on_done=done, rows=rows)
+        link.write(fe.encode_query(PIN_QUERY.format(user=user)))
 
     def _reread_settings(self, link: BackendLink) -> None:
         """Take the session's settings from the backend itself, which already applied
@@ -447,9 +496,7 @@ class Session(asyncio.Protocol):
             self.unsynced = True
         if mtype == Q:
             sql = payload[:-1]
-            reason = pin_reason(sql)
-            if reason is not None:
-                self.pins.add(reason)
+            self._note_pins(sql)
             link.expect(K_QUERY)
             link.write(raw)
             if changes_settings(sql):
@@ -521,7 +568,6 @@ class Session(asyncio.Protocol):
         elif mtype == H or mtype in COPY_MSGS:
             link.write(raw)
         elif mtype == F:
-            self.pins.add("function_call")
             link.expect(K_QUERY)
             link.write(raw)
         else:
@@ -533,9 +579,7 @@ class Session(asyncio.Protocol):
         body = payload[ne + 1 :]
         qe = _cstr_end(body, 0)
         query = body[:qe]
-        reason = pin_reason(query)
-        if reason is not None:
-            self.pins.add(reason)
+        self._note_pins(query)
         sets = changes_settings(query)
         if not name:
             self.unnamed_sets = sets

@@ -1,0 +1,83 @@
+"""State that lives in one backend pins its session there, and unpins once it is gone.
+
+The server has a single backend: while one session is pinned, another session's
+query can only wait (and fails after --query-wait-timeout 2); once it is unpinned,
+the other session runs at once.
+"""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+
+@pytest.fixture(scope="module")
+def one_backend(make_module_server):
+    return make_module_server("--pool-size", "1", "--workers", "1", "--query-wait-timeout", "2")
+
+
+CASES = [
+    # (what pins, what unpins)
+    ("temp_table", ["create temp table pin_t(x int)", "insert into pin_t values (1)"],
+     ["drop table pin_t"]),
+    ("temp_table_discard", ["create temp table pin_t2(x int)"], ["discard temp"]),
+    ("advisory_lock", ["select pg_advisory_lock(4242)"], ["select pg_advisory_unlock(4242)"]),
+    ("advisory_lock_all", ["select pg_advisory_lock(1)", "select pg_try_advisory_lock(2)"],
+     ["select pg_advisory_unlock_all()"]),
+    ("with_hold_cursor", ["declare c cursor with hold for select 1"], ["close c"]),
+    ("sql_prepare", ["prepare p1 as select 1", "execute p1"], ["deallocate p1"]),
+    ("listen", ["listen some_channel"], ["unlisten *"]),
+    ("set_role", ["set role pg_monitor"],
+     ["reset role"]),
+    ("discard_all", ["create temp table pin_t3(x int)", "select pg_advisory_lock(7)"],
+     ["discard all"]),
+]
+
+
+@pytest.mark.parametrize("name,pin,unpin", CASES, ids=[c[0] for c in CASES])
+def test_pins_and_unpins(one_backend, name, pin, unpin):
+    holder = psycopg.connect(one_backend.dsn(), autocommit=True, connect_timeout=10)
+    other = psycopg.connect(one_backend.dsn(), autocommit=True, connect_timeout=10)
+    try:
+        backend = holder.execute("select pg_backend_pid()").fetchone()[0]
+        for sql in pin:
+            holder.execute(sql)
+        # Pinned: the only backend stays with holder, across its transactions.
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            other.execute("select 1")
+        assert holder.execute("select pg_backend_pid()").fetchone()[0] == backend
+        for sql in unpin:
+            holder.execute(sql)
+        # Unpinned: the other session gets the backend.
+        assert other.execute("select 2").fetchone() == (2,)
+    finally:
+        holder.close()
+        other.close()
+
+
+def test_pin_rolled_back_with_its_transaction(one_backend):
+    holder = psycopg.connect(one_backend.dsn(), autocommit=True, connect_timeout=10)
+    other = psycopg.connect(one_backend.dsn(), autocommit=True, connect_timeout=10)
+    try:
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            with holder.transaction():
+                holder.execute("create temp table gone_with_rollback(x int)")
+                holder.execute("select 1/0")
+        assert other.execute("select 3").fetchone() == (3,)
+    finally:
+        holder.close()
+        other.close()
+
+
+def test_temp_table_never_visible_to_others(one_backend):
+    a = psycopg.connect(one_backend.dsn(), autocommit=True, connect_timeout=10)
+    b = psycopg.connect(one_backend.dsn(), autocommit=True, connect_timeout=10)
+    try:
+        a.execute("create temp table mine(x int)")
+        a.execute("drop table mine")
+        b.execute("select 1")
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            b.execute("select * from mine")
+    finally:
+        a.close()
+        b.close()
