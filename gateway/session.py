@@ -22,6 +22,7 @@ from pgwire.errors import ProtocolViolation, error_response
 from pgwire.framing import MessageFramer, StartupFramer
 from pgwire.quoting import quote_literal
 
+from . import sql_prepare
 from .backend import K_BIND, K_CLOSE, K_DESC_P, K_DESC_S, K_EXEC, K_PARSE, K_QUERY, K_SYNC
 from .classify import (
     changes_settings,
@@ -52,7 +53,8 @@ PIN_QUERY = (
     " EXISTS (SELECT FROM pg_catalog.pg_locks"
     " WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()),"
     " EXISTS (SELECT FROM pg_catalog.pg_cursors WHERE is_holdable),"
-    " EXISTS (SELECT FROM pg_catalog.pg_prepared_statements WHERE from_sql),"
+    " EXISTS (SELECT FROM pg_catalog.pg_prepared_statements"
+    " WHERE from_sql AND name NOT LIKE 'pgfs\\_%'),"
     " EXISTS (SELECT FROM pg_catalog.pg_listening_channels()),"
     " current_user <> {user} OR session_user <> {user}"
 )
@@ -111,6 +113,11 @@ class Session(asyncio.Protocol):
         # client statement name -> (backend name, Parse message under that name)
         self.stmts: dict[bytes, tuple[bytes, bytes]] = {}
         self.unnamed_parse: bytes | None = None
+        # SQL-level prepared statements: client name -> (backend name, its PREPARE query).
+        self.sql_stmts: dict[bytes, tuple[bytes, bytes]] = {}
+        # Protocol statements (client name; the unnamed one) whose text EXECUTEs one of them.
+        self.sql_deps: dict[bytes, bytes] = {}
+        self.unnamed_dep: bytes | None = None
         # Statements whose execution may change settings (client names; the unnamed one).
         self.setting_stmts: set[bytes] = set()
         self.unnamed_sets = False
@@ -376,6 +383,89 @@ class Session(asyncio.Protocol):
         self.skip_until_sync = failed
         self.write_client(b"".join(out))
 
+    def _sql_prepared(self, link: BackendLink, cmd: sql_prepare.SqlPrepareCommand,
+                      sql: bytes) -> None:
+        """Forward a single SQL PREPARE/EXECUTE/DEALLOCATE under the session's backend name."""
+        entry = self.sql_stmts.get(cmd.name)
+        if cmd.kind == "prepare":
+            reason = pin_reason(sql)
+            if reason is not None and reason != "sql_prepare":
+                self.pins.add(reason)
+                self.pin_check = True
+            if entry is not None:
+                shown = cmd.name.decode("utf-8", "replace")
+                self._raise_in_query(link, sqlstate.DUPLICATE_PREPARED_STATEMENT,
+                                     f'prepared statement "{shown}" already exists')
+                return
+            bname = self.worker.sql_statement_name()
+            text = sql[: cmd.start] + bname + sql[cmd.end :]
+            new = (bname, _msg(Q, text + b"\x00"))
+            self.sql_stmts[cmd.name] = new
+
+            def prepared(ok: bool, link: BackendLink = link) -> None:
+                if ok:
+                    link.prepared.add(bname)
+                elif self.sql_stmts.get(cmd.name) is new:
+                    del self.sql_stmts[cmd.name]
+
+            link.expect(K_QUERY, on_done=prepared)
+            link.write(new[1])
+            return
+        if entry is None:
+            # Not ours: Postgres answers (e.g. "does not exist") with the client's name.
+            link.expect(K_QUERY)
+            link.write(_msg(Q, sql + b"\x00"))
+            return
+        bname, prepare_raw = entry
+        if bname not in link.prepared:
+            link.prepared.add(bname)
+
+            def reprepared(ok: bool, link: BackendLink = link) -> None:
+                if not ok:
+                    link.prepared.discard(bname)
+
+            link.expect(K_QUERY, swallow=1, on_done=reprepared)
+            link.write(prepare_raw)
+        text = sql[: cmd.start] + bname + sql[cmd.end :]
+        on_done = None
+        if cmd.kind == "deallocate":
+            def on_done(ok: bool, link: BackendLink = link) -> None:
+                if ok:
+                    link.prepared.discard(bname)
+                    if self.sql_stmts.get(cmd.name) is entry:
+                        del self.sql_stmts[cmd.name]
+        link.expect(K_QUERY, on_done=on_done)
+        link.write(_msg(Q, text + b"\x00"))
+
+    def _ensure_sql_prepared_extended(self, link: BackendLink, name: bytes) -> bytes:
+        """Make sure our SQL statement ``name`` exists on ``link`` from inside an extended
+        sequence: its PREPARE runs through the unnamed statement, replies swallowed."""
+        bname, prepare_raw = self.sql_stmts[name]
+        if bname not in link.prepared:
+            link.prepared.add(bname)
+
+            def reprepared(ok: bool, link: BackendLink = link) -> None:
+                if not ok:
+                    link.prepared.discard(bname)
+
+            link.unnamed_of = None  # we are about to replace the backend's unnamed statement
+            link.expect(K_PARSE, swallow=1)
+            link.write(fe.encode_parse("", prepare_raw[5:-1].decode("utf-8", "surrogateescape")))
+            link.expect(K_BIND, swallow=1)
+            link.write(fe.encode_bind("", "", []))
+            link.expect(K_EXEC, swallow=1, on_done=reprepared)
+            link.write(fe.encode_execute("", 0))
+        return bname
+
+    def _raise_in_query(self, link: BackendLink, code: str, message: str) -> None:
+        """Fail a simple Query with an error pgfleet decides, through the backend, so the
+        transaction is aborted there exactly as the client now believes."""
+        msg = quote_literal(message).replace("$", "\\x24")
+        sql = (f"DO $pgfleet$BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', "
+               f"MESSAGE = {msg}; END$pgfleet$")
+        link.expect(K_QUERY)
+        link.write(fe.encode_query(sql))
+
     def _note_pins(self, sql: bytes) -> None:
         reason = pin_reason(sql)
         if reason is not None:
@@ -496,15 +586,20 @@ class Session(asyncio.Protocol):
             self.unsynced = True
         if mtype == Q:
             sql = payload[:-1]
-            self._note_pins(sql)
-            link.expect(K_QUERY)
-            link.write(raw)
+            cmd = sql_prepare.parse(sql) if sql_prepare.mentions_prepared(sql) else None
+            if cmd is None:
+                self._note_pins(sql)
+                link.expect(K_QUERY)
+                link.write(raw)
+            else:
+                self._sql_prepared(link, cmd, sql)
             if changes_settings(sql):
                 self.settings_dirty = True
                 self._after_resets(link, reset_targets(sql))
             if drops_statements(sql):
                 # The backend loses every statement, ours and other sessions'.
                 self.stmts.clear()
+                self.sql_stmts.clear()
                 self.unnamed_parse = self.unnamed_token = None
                 link.prepared.clear()
                 link.unnamed_of = None
@@ -516,6 +611,9 @@ class Session(asyncio.Protocol):
             name = payload[pe + 1 : se]
             if (name in self.setting_stmts) if name else self.unnamed_sets:
                 self.settings_dirty = True
+            dep = self.sql_deps.get(name) if name else self.unnamed_dep
+            if dep is not None and dep in self.sql_stmts:
+                self._ensure_sql_prepared_extended(link, dep)
             if name:
                 bname = self._backend_stmt(link, name)
                 if bname is None:
@@ -580,7 +678,29 @@ class Session(asyncio.Protocol):
         qe = _cstr_end(body, 0)
         query = body[:qe]
         self._note_pins(query)
+        dep: bytes | None = None
+        if self.sql_stmts and sql_prepare.mentions_prepared(query):
+            cmd = sql_prepare.parse(query)
+            if cmd is not None and cmd.kind != "prepare" and cmd.name in self.sql_stmts:
+                # EXECUTE/DEALLOCATE of our SQL statement, sent through Parse (psycopg does).
+                bname = self._ensure_sql_prepared_extended(link, cmd.name)
+                query = query[: cmd.start] + bname + query[cmd.end :]
+                body = query + body[qe:]
+                payload = name + b"\x00" + body
+                raw = _msg(P, payload)
+                if cmd.kind == "deallocate":
+                    self.sql_stmts.pop(cmd.name, None)
+                    link.prepared.discard(bname)
+                else:
+                    dep = cmd.name  # binding this statement later needs our SQL statement
         sets = changes_settings(query)
+        if name:
+            if dep is None:
+                self.sql_deps.pop(name, None)
+            else:
+                self.sql_deps[name] = dep
+        else:
+            self.unnamed_dep = dep
         if not name:
             self.unnamed_sets = sets
             token = object()

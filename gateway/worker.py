@@ -95,6 +95,7 @@ class Worker:
         self.status_cache: OrderedDict[tuple, dict[str, str]] = OrderedDict()
         # Backend names of statements that parsed successfully here (see Session._parse_known).
         self.known_statements: set[bytes] = set()
+        self._sql_names = itertools.count(1)
         self.cancel_table = CancelTable.attach(cfg.cancel_table_name)
         self.slots = self.cancel_table.partition(index, cfg.workers)
         self.cancel_table.reset_range(self.slots)
@@ -183,6 +184,10 @@ class Worker:
         link.expect(K_QUERY, swallow=2 if quiet else 1, on_done=done)
         link.write(fe.encode_query("; ".join(parts)))
         return True
+
+    def sql_statement_name(self) -> bytes:
+        """A backend name for one session's SQL PREPARE, unique across workers and restarts."""
+        return b"pgfs_%d_%d" % (os.getpid(), next(self._sql_names))
 
     def note_statement(self, bname: bytes) -> None:
         if len(self.known_statements) >= KNOWN_STATEMENTS_MAX:

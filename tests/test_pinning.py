@@ -25,7 +25,6 @@ CASES = [
     ("advisory_lock_all", ["select pg_advisory_lock(1)", "select pg_try_advisory_lock(2)"],
      ["select pg_advisory_unlock_all()"]),
     ("with_hold_cursor", ["declare c cursor with hold for select 1"], ["close c"]),
-    ("sql_prepare", ["prepare p1 as select 1", "execute p1"], ["deallocate p1"]),
     ("listen", ["listen some_channel"], ["unlisten *"]),
     ("set_role", ["set role pg_monitor"],
      ["reset role"]),
