@@ -56,6 +56,53 @@ class Expect:
         self.hold_z = False
 
 
+MAX_PREPARED_PER_BACKEND = 512
+
+
+class PreparedSet:
+    """Backend names of the statements prepared on one backend, least recently used first.
+
+    Bounded: past MAX_PREPARED_PER_BACKEND the oldest are closed on the backend
+    (every statement on it is in some session's book and is prepared again when
+    needed), so a backend's memory does not grow with every distinct query ever seen.
+    """
+
+    __slots__ = ("_names",)
+
+    def __init__(self, names=()) -> None:
+        self._names: dict[bytes, None] = dict.fromkeys(names)
+
+    def __contains__(self, name: bytes) -> bool:
+        return name in self._names
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def add(self, name: bytes) -> None:
+        self._names.pop(name, None)
+        self._names[name] = None
+
+    touch = add
+
+    def discard(self, name: bytes) -> None:
+        self._names.pop(name, None)
+
+    def clear(self) -> None:
+        self._names.clear()
+
+    def victims(self, limit: int = MAX_PREPARED_PER_BACKEND) -> list[bytes]:
+        """Remove and return the oldest names beyond ``limit - 1`` (room for one more)."""
+        out = []
+        while len(self._names) >= limit:
+            name = next(iter(self._names))
+            del self._names[name]
+            out.append(name)
+        return out
+
+
 class BackendLink(asyncio.Protocol):
     """One backend socket held by this worker, idle in the cache or serving a session."""
 
@@ -69,7 +116,7 @@ class BackendLink(asyncio.Protocol):
         # Settings pgfleet replayed on it for sessions, relative to its defaults.
         self.applied: dict[str, str] = dict(lease.get("applied") or {})
         # Backend-side names of the statements prepared on it.
-        self.prepared: set[bytes] = {p.encode() for p in lease.get("prepared") or ()}
+        self.prepared = PreparedSet(p.encode() for p in lease.get("prepared") or ())
         # Which session's unnamed statement the backend holds (identity of its Parse).
         self.unnamed_of: object | None = None
         self.manager = manager
@@ -252,5 +299,12 @@ class BackendLink(asyncio.Protocol):
                     e.on_done(True)
 
     # -- cancel -----------------------------------------------------------------------------
+    def make_room(self) -> None:
+        """Close the least recently used statements if the set is full (inside an
+        extended-protocol sequence: the client's Sync ends it)."""
+        for name in self.prepared.victims():
+            self.expect(K_CLOSE, swallow=1)
+            self.write(b"C" + struct.pack("!I", len(name) + 6) + b"S" + name + b"\x00")
+
     def cancel_request(self) -> bytes:
         return struct.pack("!iiiI", 16, 80877102, self.pid, self.secret)

@@ -257,7 +257,7 @@ class LeaseManager:
                 "state": state,
                 "params": link.reported,
                 "applied": link.applied,
-                "prepared": sorted(p.decode() for p in link.prepared),
+                "prepared": [p.decode() for p in link.prepared],  # least recently used first
             }
         )
         link.close()

@@ -738,8 +738,10 @@ class Session(asyncio.Protocol):
                     del self.stmts[name]
 
         if bname in link.prepared:
+            link.prepared.touch(bname)
             link.push_synth(be.PARSE_COMPLETE, on_done=parsed_named)
         else:
+            link.make_room()
             link.prepared.add(bname)
             link.expect(K_PARSE, on_done=parsed_named)
             link.write(entry[1])
@@ -755,7 +757,10 @@ class Session(asyncio.Protocol):
             )
             return None
         bname, parse_raw = entry
-        if bname not in link.prepared:
+        if bname in link.prepared:
+            link.prepared.touch(bname)
+        else:
+            link.make_room()
             link.prepared.add(bname)
 
             def reparsed(ok: bool, link: BackendLink = link) -> None:
