@@ -34,7 +34,7 @@ E, Z, T, n_ = ord("E"), ord("Z"), ord("T"), ord("n")
 
 
 class Expect:
-    __slots__ = ("kind", "swallow", "on_done", "synth", "rows", "hold_z")
+    __slots__ = ("kind", "swallow", "on_done", "synth", "rows", "hold_z", "raw", "heal")
     # swallow: 0 = forward replies, 1 = drop them but forward errors, 2 = drop errors
     # too (but forward ParameterStatus)
 
@@ -54,6 +54,9 @@ class Expect:
         # This query's ReadyForQuery is held back: the quiet replay queued right behind
         # it answers instead, so the client gets the replay's ParameterStatus first.
         self.hold_z = False
+        self.raw: bytes | None = None  # the message sent, kept to send it again (heal)
+        # For a Bind of a shared statement: its Parse, to re-prepare it if its plan went stale.
+        self.heal: bytes | None = None
 
 
 MAX_PREPARED_PER_BACKEND = 512
@@ -131,6 +134,8 @@ class BackendLink(asyncio.Protocol):
         self.fatal: bytes | None = None
         self.idle_since = 0.0
         self.needs_reset = False
+        # An Execute completed since the last Sync (its effects die with a later error).
+        self.group_ran = False
         self.paused_client: Session | None = None
         self.released = False
         self.drain_rollbacks = 0
@@ -182,6 +187,14 @@ class BackendLink(asyncio.Protocol):
     def expect(self, kind: int, swallow: int = 0, on_done=None, rows: list | None = None) -> None:
         self.queue.append(Expect(kind, swallow, on_done, None, rows))
 
+    def send(self, kind: int, raw: bytes, heal: bytes | None = None) -> None:
+        """Write a client's extended-protocol message, remembering it for a heal."""
+        e = Expect(kind)
+        e.raw = raw
+        e.heal = heal
+        self.queue.append(e)
+        self._out.append(raw)
+
     def push_synth(self, data: bytes, on_done=None) -> None:
         """Queue a reply pgfleet makes itself, to go out after everything before it."""
         if not self.queue:
@@ -214,6 +227,8 @@ class BackendLink(asyncio.Protocol):
                 "FATAL", sqlstate.PROTOCOL_VIOLATION, "invalid message from the server"
             )
             self.transport.close()
+        if self._out:
+            self.flush()  # a heal re-sends messages from inside the reply stream
         session = self.session
         if out:
             self._client_out = []
@@ -260,6 +275,9 @@ class BackendLink(asyncio.Protocol):
                 head.on_done and head.on_done(False)
                 head.on_done = None
                 return
+            if kind == K_BIND and head.heal is not None and self._heal(head, payload):
+                out.pop()
+                return
             # Extended protocol: the failed message and the rest up to Sync get no reply.
             while queue and queue[0].kind != K_SYNC:
                 e = queue.popleft()
@@ -289,6 +307,10 @@ class BackendLink(asyncio.Protocol):
         else:
             done = _END_BYTE.get(kind) == mtype
         if done:
+            if kind == K_EXEC:
+                self.group_ran = True
+            elif kind == K_SYNC:
+                self.group_ran = False
             queue.popleft()
             if head.on_done is not None:
                 head.on_done(True)
@@ -299,6 +321,38 @@ class BackendLink(asyncio.Protocol):
                     e.on_done(True)
 
     # -- cancel -----------------------------------------------------------------------------
+    def _heal(self, head: Expect, payload: bytes) -> bool:
+        """A shared statement's cached plan went stale under DDL ("cached plan must not
+        change result type"): a session that prepared it after the DDL would never see
+        that error from Postgres. If nothing before the Bind in this sync group ran and
+        nothing is pipelined after its Sync, re-prepare it and send the group again."""
+        fields = decode_backend(E, payload).fields
+        if fields.get("C") != "0A000" or "cached plan must not change" not in fields.get("M", ""):
+            return False
+        queue = self.queue
+        if self.status != "I":
+            return False  # inside a transaction the error has already aborted it
+        group = list(queue)
+        sync_at = next((i for i, e in enumerate(group) if e.kind == K_SYNC), -1)
+        if sync_at != len(group) - 1 or any(e.raw is None for e in group):
+            return False
+        if self.group_ran:
+            return False  # an earlier Execute of this group was rolled back with it
+        bname = head.raw[5:].split(b"\x00", 2)[1]
+        heal = head.heal
+        for e in group:
+            e.heal = None  # once
+        queue.clear()
+        queue.append(Expect(K_SYNC, 1))  # the failed group's ReadyForQuery
+        self.expect(K_CLOSE, swallow=1)
+        self._out.append(b"C" + struct.pack("!I", len(bname) + 6) + b"S" + bname + b"\x00")
+        self.expect(K_PARSE, swallow=1)
+        self._out.append(heal)
+        for e in group:
+            queue.append(e)
+            self._out.append(e.raw)
+        return True
+
     def make_room(self) -> None:
         """Close the least recently used statements if the set is full (inside an
         extended-protocol sequence: the client's Sync ends it)."""

@@ -614,15 +614,16 @@ class Session(asyncio.Protocol):
             dep = self.sql_deps.get(name) if name else self.unnamed_dep
             if dep is not None and dep in self.sql_stmts:
                 self._ensure_sql_prepared_extended(link, dep)
+            heal = None
             if name:
                 bname = self._backend_stmt(link, name)
                 if bname is None:
                     return
                 raw = _msg(B, payload[: pe + 1] + bname + payload[se:])
+                heal = self.stmts[name][1]
             else:
                 self._ensure_unnamed(link)
-            link.expect(K_BIND)
-            link.write(raw)
+            link.send(K_BIND, raw, heal=heal)
         elif mtype == D:
             kind = payload[:1]
             if kind == b"S":
@@ -635,19 +636,16 @@ class Session(asyncio.Protocol):
                     raw = _msg(D, b"S" + bname + b"\x00")
                 else:
                     self._ensure_unnamed(link)
-                link.expect(K_DESC_S)
+                link.send(K_DESC_S, raw)
             elif kind == b"P":
-                link.expect(K_DESC_P)
+                link.send(K_DESC_P, raw)
             else:
                 raise ProtocolViolation(f"invalid DESCRIBE message subtype {payload[:1]!r}")
-            link.write(raw)
         elif mtype == E:
-            link.expect(K_EXEC)
-            link.write(raw)
+            link.send(K_EXEC, raw)
         elif mtype == S:
             self.skip_until_sync = self.unsynced = False
-            link.expect(K_SYNC)
-            link.write(raw)
+            link.send(K_SYNC, raw)
         elif mtype == C:
             kind = payload[:1]
             end = _cstr_end(payload, 1)
@@ -661,8 +659,7 @@ class Session(asyncio.Protocol):
                 self.unnamed_parse = self.unnamed_token = None
             elif kind != b"P":
                 raise ProtocolViolation(f"invalid CLOSE message subtype {payload[:1]!r}")
-            link.expect(K_CLOSE)
-            link.write(raw)
+            link.send(K_CLOSE, raw)
         elif mtype == H or mtype in COPY_MSGS:
             link.write(raw)
         elif mtype == F:
