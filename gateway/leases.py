@@ -38,8 +38,9 @@ class LeaseManager:
         self.requests: dict[int, Key] = {}  # lease requests outstanding at the pooler
         self.held: set[BackendLink] = set()  # every live link this worker holds
         self._req_ids = itertools.count(1)
-        # Backends the pooler asked us to give back (another worker is short).
-        self.debt = 0
+        # Backends the pooler asked us to give back as they come free, per pool (another
+        # user or worker is short of its fair share); key None: of any pool.
+        self.debt: dict[Key | None, int] = {}
         # Lease requests and withdrawals are batched per key and sent once per loop turn.
         self._to_request: dict[Key, list[int]] = {}
         self._to_cancel: list[int] = []
@@ -78,11 +79,11 @@ class LeaseManager:
             self.discard(link)
             return
         if link.needs_reset:
+            self._pay_debt(link.key)
             self.release(link, "dirty")
             return
         q = self.waiters.get(link.key)
-        if self.debt > 0 and not fresh:
-            self.debt -= 1
+        if not fresh and self._pay_debt(link.key):
             self.release(link, "clean")
             return
         if q:
@@ -229,14 +230,36 @@ class LeaseManager:
         if q:
             q.popleft().on_lease_failed(msg.get("error") or {})
 
-    def reclaim(self, count: int) -> None:
-        """Another worker waits for a backend: give back every idle one now, and if we
-        hold ``count`` more than our fair share, that many as sessions finish with them."""
-        for links in self.idle.values():
+    def reclaim(self, count: int, key: Key | None = None) -> None:
+        """The pooler has waiters it cannot serve.
+
+        Without ``key``: give back every idle link now (another worker may wait for
+        one). With ``key``: we hold ``count`` links of that pool beyond our fair share
+        (another user, or this user on another worker, is short): give back its idle
+        ones now and the rest as sessions finish with them, instead of handing them to
+        our own sessions waiting for that pool.
+        """
+        pools = self.idle.values() if key is None else [self.idle.get(key) or []]
+        for links in pools:
             while links:
                 self.release(links.pop(), "clean")
                 count -= 1
-        self.debt = max(0, count)
+        if count > 0:
+            self.debt[key] = count
+        else:
+            self.debt.pop(key, None)
+
+    def _pay_debt(self, key: Key) -> bool:
+        """True if a link of ``key`` coming free is owed to the pooler (and count it)."""
+        for k in (key, None):
+            n = self.debt.get(k, 0)
+            if n > 0:
+                if n > 1:
+                    self.debt[k] = n - 1
+                else:
+                    del self.debt[k]
+                return True
+        return False
 
     def release(self, link: BackendLink, state: str) -> None:
         """Give ``link`` back to the pooler and close our copy of its socket."""

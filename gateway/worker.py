@@ -70,7 +70,9 @@ class PoolerClient:
         elif op == "lease_failed":
             leases.on_lease_failed(msg)
         elif op == "reclaim":
-            leases.reclaim(int(msg.get("count", 1)))
+            key = msg.get("key")
+            pool = (str(key[0]), str(key[1])) if key else None
+            leases.reclaim(int(msg.get("count", 1)), pool)
         else:
             fut = self._calls.get(msg.get("req"))
             if fut is not None and not fut.done():

@@ -127,7 +127,11 @@ class Pooler:
         self.cfg = cfg
         self.loop = asyncio.get_event_loop()
         self.pool = PoolManager(
-            self.loop, str(cfg.pg_socket_path), cfg.pool_size, on_pressure=self.reclaim
+            self.loop,
+            str(cfg.pg_socket_path),
+            cfg.pool_size,
+            on_pressure=self.reclaim,
+            user_limits=cfg.user_limits,
         )
         self.auth = AuthCache(self.pool)
         self.links: set[WorkerLink] = set()
@@ -136,12 +140,21 @@ class Pooler:
         self.statuses: dict[tuple, dict[str, str]] = {}
         self.server: ChannelServer | None = None
 
-    def reclaim(self, excess: dict[object, int]) -> None:
-        """Someone waits: every holder gives back the backends it holds idle, and
-        those above their fair share give back that many more as they come free."""
-        for owner, count in excess.items():
-            if isinstance(owner, WorkerLink) and not owner.channel.closed:
-                owner.channel.send({"op": "reclaim", "count": count})
+    def reclaim(self, asks: dict) -> None:
+        """Someone waits: holders give back the backends they keep idle, and those above
+        their fair share give back that many more of the named pool as they come free.
+
+        ``asks`` maps (owner, key) to a count, key None meaning "your idle ones"; the
+        keyed asks of an owner come before its unkeyed one, so that its idle backends
+        of that pool count towards the count.
+        """
+        for (owner, key), count in asks.items():
+            if not isinstance(owner, WorkerLink) or owner.channel.closed:
+                continue
+            msg: dict = {"op": "reclaim", "count": count}
+            if key is not None:
+                msg["key"] = list(key)
+            owner.channel.send(msg)
 
     def accept(self, channel: Channel) -> tuple:
         link = WorkerLink(self, channel)

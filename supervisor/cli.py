@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from .config import Config
+from .config import Config, parse_user_limits
 from .logs import setup_logging
 
 app = typer.Typer(
@@ -58,6 +58,12 @@ def up(
     auth_timeout: float = typer.Option(
         60.0, help="Seconds a client has to finish logging in (like authentication_timeout)."
     ),
+    user_limit: list[str] = typer.Option(
+        [],
+        metavar="USER=N",
+        help="At most N backends for USER (role) at once, across its databases; its "
+        "clients queue beyond that even when the pool has room. Repeatable.",
+    ),
     log_level: LogLevel = typer.Option(LogLevel.info, help="How much to log on stderr."),
 ) -> None:
     """Start Postgres (initialising it on first run), the pooler and the gateway workers,
@@ -66,6 +72,10 @@ def up(
 
     if workers < 1 or pool_size < 1:
         raise typer.BadParameter("--workers and --pool-size must be at least 1")
+    try:
+        user_limits = parse_user_limits(user_limit)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--user-limit") from None
     setup_logging(log_level.value, "supervisor")
     cfg = Config(
         home=home,
@@ -77,6 +87,7 @@ def up(
         query_wait_timeout=query_wait_timeout,
         auth_timeout=auth_timeout,
         log_level=log_level.value,
+        user_limits=user_limits,
     )
     raise typer.Exit(run_up(cfg, password))
 

@@ -26,6 +26,8 @@ class Config:
     lease_idle_seconds: float = 2.0
     # Client cancel-table capacity across all workers.
     max_clients: int = 65536
+    # Most backends each named user (role) may hold at once, across its databases.
+    user_limits: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).absolute()
@@ -74,3 +76,20 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict) -> Config:
         return cls(**d)
+
+
+def parse_user_limits(specs: list[str]) -> dict[str, int]:
+    """``USER=N`` strings (as given to ``--user-limit``) as a dict; ValueError if malformed."""
+    limits: dict[str, int] = {}
+    for spec in specs:
+        user, sep, n = spec.rpartition("=")
+        if not sep or not user:
+            raise ValueError(f"{spec!r} is not USER=N")
+        try:
+            limit = int(n)
+        except ValueError:
+            raise ValueError(f"{spec!r}: {n!r} is not a whole number") from None
+        if limit < 1:
+            raise ValueError(f"{spec!r}: the limit must be at least 1")
+        limits[user] = limit
+    return limits
