@@ -225,6 +225,10 @@ class Worker:
         )
         stop = asyncio.Event()
         self.loop.add_signal_handler(signal.SIGTERM, stop.set)
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from .metrics import WorkerMetrics
+
+            self.metrics = WorkerMetrics(self)
         self.cfg.worker_ready_file(self.index).touch()
         await stop.wait()
         server.close()

@@ -164,6 +164,10 @@ class Pooler:
     async def run(self) -> None:
         self.cfg.ipc_dir.mkdir(parents=True, exist_ok=True)
         self.server = await serve(str(self.cfg.pooler_socket), self.accept)
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from .metrics import PoolerMetrics
+
+            self.metrics = PoolerMetrics(self.pool)
         stop = asyncio.Event()
         # Ctrl-C reaches the whole process group; the supervisor decides the order of
         # shutdown (workers first), so only its SIGTERM stops us.

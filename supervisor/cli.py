@@ -65,6 +65,9 @@ def up(
         "clients queue beyond that even when the pool has room. Repeatable.",
     ),
     log_level: LogLevel = typer.Option(LogLevel.info, help="How much to log on stderr."),
+    metrics_port: int = typer.Option(
+        0, help="Serve Prometheus metrics on HOST:METRICS_PORT/metrics (0: off)."
+    ),
 ) -> None:
     """Start Postgres (initialising it on first run), the pooler and the gateway workers,
     and run in the foreground until Ctrl-C or SIGTERM."""
@@ -87,6 +90,7 @@ def up(
         query_wait_timeout=query_wait_timeout,
         auth_timeout=auth_timeout,
         log_level=log_level.value,
+        metrics_port=metrics_port,
         user_limits=user_limits,
     )
     raise typer.Exit(run_up(cfg, password))

@@ -28,6 +28,8 @@ class Config:
     max_clients: int = 65536
     # Most backends each named user (role) may hold at once, across its databases.
     user_limits: dict[str, int] = field(default_factory=dict)
+    # Prometheus endpoint on host:metrics_port, served by the supervisor (0: off).
+    metrics_port: int = 0
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).absolute()
@@ -50,6 +52,10 @@ class Config:
 
     def worker_ready_file(self, index: int) -> Path:
         return self.ipc_dir / f"worker-{index}.ready"
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.home / "metrics"
 
     @property
     def log_dir(self) -> Path:

@@ -23,6 +23,7 @@ import multiprocess
 import pgwire.auth  # noqa: F401  (its mock-SCRAM secret is created here, shared by forks)
 from ipc.cancel_table import CancelTable
 
+from . import metrics
 from .config import Config
 from .pgctld import PgInstance, PgWatcher
 
@@ -159,6 +160,10 @@ class Supervisor:
         pg.update_config()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        if cfg.metrics_port:
+            # Before any child exists, so that every process writes its samples there.
+            metrics.prepare_dir(cfg.metrics_dir)
+            metrics.serve(cfg.host, cfg.metrics_port)
         watcher = PgWatcher(pg)
         table = None
         try:
@@ -229,6 +234,8 @@ class Supervisor:
                 continue
             if c.restart_at == 0.0:
                 code = c.proc.exitcode if c.proc is not None else None
+                if c.pid is not None:
+                    metrics.process_exited(c.pid)
                 delay = min(MAX_BACKOFF, 0.1 * (2**c.failures))
                 c.failures += 1
                 c.restart_at = now + delay
