@@ -261,6 +261,15 @@ class LeaseManager:
                 return True
         return False
 
+    def retire(self, key: Key) -> None:
+        """The pool's role/database defaults changed: stop reusing its backends here;
+        idle ones go back now, busy ones when their session is done (the pooler closes them)."""
+        for link in list(self.idle.get(key) or ()):
+            self.release(link, "clean")
+        for link in self.held:
+            if link.key == key:
+                link.needs_reset = True
+
     def release(self, link: BackendLink, state: str) -> None:
         """Give ``link`` back to the pooler and close our copy of its socket."""
         if link in self.held:

@@ -134,6 +134,8 @@ class Login:
         s.settings = s.startup_settings = settings
 
         cache_key = self.worker.status_key(s.key, settings)
+        # Role/database defaults may change while we wait; then what we learn is stale.
+        gen = self.worker.defaults_gen
         info = await self.worker.pooler.auth(user, database, cache_key[1])
         if "error" in info:
             raise LoginFailed(sqlstate.CANNOT_CONNECT_NOW, str(info["error"]))
@@ -143,14 +145,19 @@ class Login:
             # What we know of this role may be stale: refetch it for the next login.
             self.worker.pooler.invalidate(user)
             raise
-        status = self.worker.status_cache.get(cache_key) or info.get("status")
+        status = self.worker.status_cache.get(cache_key)
+        if status is not None:
+            return status
+        status = info.get("status")
         if status is None:
             status = await self._probe_status()
-            self.worker.pooler.send(
-                {"op": "status", "db": database, "user": user, "skey": cache_key[1],
-                 "status": status}
-            )
-        self.worker.remember_status(cache_key, status)
+            if gen == self.worker.defaults_gen:
+                self.worker.pooler.send(
+                    {"op": "status", "db": database, "user": user, "skey": cache_key[1],
+                     "status": status}
+                )
+        if gen == self.worker.defaults_gen:  # else made with defaults that just changed
+            self.worker.remember_status(cache_key, status)
         return status
 
     async def _check(self, user: str, database: str, info: dict) -> None:

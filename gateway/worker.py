@@ -69,6 +69,10 @@ class PoolerClient:
             leases.on_leased(msg, fds)
         elif op == "lease_failed":
             leases.on_lease_failed(msg)
+        elif op == "defaults_changed":
+            key = (str(msg["db"]), str(msg["user"]))
+            self.worker.forget_status(key)
+            leases.retire(key)
         elif op == "reclaim":
             key = msg.get("key")
             pool = (str(key[0]), str(key[1])) if key else None
@@ -98,6 +102,8 @@ class Worker:
         # Backend names of statements that parsed successfully here (see Session._parse_known).
         self.known_statements: set[bytes] = set()
         self._sql_names = itertools.count(1)
+        # Bumped when role/database defaults change: status reports made before are stale.
+        self.defaults_gen = 0
         self.cancel_table = CancelTable.attach(cfg.cancel_table_name)
         self.slots = self.cancel_table.partition(index, cfg.workers)
         self.cancel_table.reset_range(self.slots)
@@ -200,6 +206,12 @@ class Worker:
     def status_key(key: tuple[str, str], settings: dict[str, tuple[str, str]]) -> tuple:
         """Cache key of the status report: (database, user) and the settings as text."""
         return (key, orjson.dumps(sorted((low, v) for low, (_, v) in settings.items())).decode())
+
+    def forget_status(self, key: tuple[str, str]) -> None:
+        """Role/database defaults changed: login status reports for ``key`` are stale."""
+        self.defaults_gen += 1
+        for k in [k for k in self.status_cache if k[0] == key]:
+            del self.status_cache[k]
 
     def remember_status(self, cache_key: tuple, status: dict[str, str]) -> None:
         self.status_cache[cache_key] = status

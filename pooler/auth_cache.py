@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from pgwire.quoting import quote_literal
 
@@ -20,7 +21,11 @@ ADMIN_KEY = ("postgres", "postgres")
 _LOOKUP_SQL = (
     "SELECT r.rolpassword, r.rolcanlogin, "
     "(r.rolvaliduntil IS NOT NULL AND r.rolvaliduntil < now()), "
-    "d.datallowconn, r.rolname IS NOT NULL, d.datname IS NOT NULL "
+    "d.datallowconn, r.rolname IS NOT NULL, d.datname IS NOT NULL, "
+    # ALTER ROLE/DATABASE ... SET defaults that apply to this (user, database)
+    "(SELECT string_agg(array_to_string(s.setconfig, E'\\x01'), E'\\x02' "
+    "ORDER BY s.setdatabase, s.setrole) FROM pg_catalog.pg_db_role_setting s "
+    "WHERE s.setrole IN (r.oid, 0) AND s.setdatabase IN (d.oid, 0)) "
     "FROM (SELECT 1) AS one "
     "LEFT JOIN pg_catalog.pg_authid r ON r.rolname = {user} "
     "LEFT JOIN pg_catalog.pg_database d ON d.datname = {db}"
@@ -32,9 +37,18 @@ def _bool(v: bytes | None) -> bool:
 
 
 class AuthCache:
-    def __init__(self, pool: PoolManager, ttl: float = 5.0) -> None:
+    def __init__(
+        self,
+        pool: PoolManager,
+        ttl: float = 5.0,
+        on_defaults_changed: Callable[[str, str], None] = lambda db, user: None,
+    ) -> None:
         self.pool = pool
         self.ttl = ttl
+        # ALTER ROLE/DATABASE ... SET defaults last seen per key: backends opened before
+        # a change still carry the old defaults, so the pooler retires them.
+        self._defaults: dict[tuple[str, str], str] = {}
+        self.on_defaults_changed = on_defaults_changed
         self._entries: dict[tuple[str, str], tuple[float, dict]] = {}
         self._inflight: dict[tuple[str, str], asyncio.Task] = {}
 
@@ -71,6 +85,10 @@ class AuthCache:
             self._inflight.pop(key, None)
         if info["role_exists"] and info["db_exists"]:
             self._entries[key] = (time.monotonic(), info)
+            seen = self._defaults.get(key)
+            self._defaults[key] = info["role_settings"]
+            if seen is not None and seen != info["role_settings"]:
+                self.on_defaults_changed(key[1], key[0])
         return info
 
     async def _fetch(self, user: str, database: str) -> dict:
@@ -109,4 +127,5 @@ class AuthCache:
             "db_allow_conn": _bool(row[3]),
             "role_exists": _bool(row[4]),
             "db_exists": _bool(row[5]),
+            "role_settings": row[6].decode() if row[6] is not None else "",
         }

@@ -65,6 +65,8 @@ class PooledBackend:
     # replay only the difference: settings it SET and statements it prepared.
     applied: dict[str, str] = field(default_factory=dict)
     prepared: list[str] = field(default_factory=list)
+    # Opened before its role/database defaults changed: closed when it comes back.
+    retired: bool = False
 
 
 @dataclass(eq=False)
@@ -246,13 +248,26 @@ class PoolManager:
             b.conn.params = dict(carry.get("params") or b.conn.params)
             b.applied = dict(carry.get("applied") or {})
             b.prepared = list(carry.get("prepared") or ())
-        if state == "clean":
+        if b.retired:
+            self._close(b)
+        elif state == "clean":
             self._make_idle(b)
         elif state == "dirty":
             b.state = "resetting"
             self.loop.create_task(self._reset(b))
         else:
             self._close(b)
+        self._pump()
+
+    def retire(self, database: str | None, user: str | None) -> None:
+        """ALTER ROLE/DATABASE ... SET changed the defaults new backends start with:
+        close the idle backends of those pools now, the leased ones when they return."""
+        for b in list(self.backends.values()):
+            if (database is None or b.key[0] == database) and (user is None or b.key[1] == user):
+                if b.state == "idle":
+                    self._close(b)
+                else:
+                    b.retired = True
         self._pump()
 
     def owner_gone(self, owner: object) -> None:

@@ -133,7 +133,7 @@ class Pooler:
             on_pressure=self.reclaim,
             user_limits=cfg.user_limits,
         )
-        self.auth = AuthCache(self.pool)
+        self.auth = AuthCache(self.pool, on_defaults_changed=self.defaults_changed)
         self.links: set[WorkerLink] = set()
         # Startup status reports per (database, user, settings), shared by all workers
         # so that only the first login with new settings needs a backend.
@@ -155,6 +155,16 @@ class Pooler:
             if key is not None:
                 msg["key"] = list(key)
             owner.channel.send(msg)
+
+    def defaults_changed(self, database: str, user: str) -> None:
+        """New sessions of (database, user) must start from the new defaults: retire
+        backends that started with the old ones and forget status reports made with them."""
+        self.pool.retire(database, user)
+        for k in [k for k in self.statuses if k[0] == database and k[1] == user]:
+            del self.statuses[k]
+        for link in list(self.links):
+            if not link.channel.closed:
+                link.channel.send({"op": "defaults_changed", "db": database, "user": user})
 
     def accept(self, channel: Channel) -> tuple:
         link = WorkerLink(self, channel)
