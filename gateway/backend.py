@@ -33,8 +33,13 @@ _END_BYTE = {K_PARSE: ord("1"), K_BIND: ord("2"), K_CLOSE: ord("3")}
 E, Z, T, n_ = ord("E"), ord("Z"), ord("T"), ord("n")
 
 
+def _rename_in_error(raw: bytes, backend_name: bytes, client_name: bytes) -> bytes:
+    body = raw[5:].replace(b'"' + backend_name + b'"', b'"' + client_name + b'"')
+    return raw[:1] + struct.pack("!I", len(body) + 4) + body
+
+
 class Expect:
-    __slots__ = ("kind", "swallow", "on_done", "synth", "rows", "hold_z", "raw", "heal")
+    __slots__ = ("kind", "swallow", "on_done", "synth", "rows", "hold_z", "raw", "heal", "names")
     # swallow: 0 = forward replies, 1 = drop them but forward errors, 2 = drop errors
     # too (but forward ParameterStatus)
 
@@ -57,6 +62,9 @@ class Expect:
         self.raw: bytes | None = None  # the message sent, kept to send it again (heal)
         # For a Bind of a shared statement: its Parse, to re-prepare it if its plan went stale.
         self.heal: bytes | None = None
+        # (backend name, client name) of the statement a Bind/Describe refers to, to put
+        # the client's name back into an error about it.
+        self.names: tuple[bytes, bytes] | None = None
 
 
 MAX_PREPARED_PER_BACKEND = 512
@@ -140,6 +148,7 @@ class BackendLink(asyncio.Protocol):
         self.released = False
         self.drain_rollbacks = 0
         self.drain_timer: asyncio.TimerHandle | None = None
+        self.cancel_task: asyncio.Task | None = None
         # Error fields of the last failed message pgfleet itself sent (replayed settings).
         self.last_error: dict[str, str] | None = None
         # Someone waiting for the reply queue to empty while no session is attached.
@@ -185,13 +194,17 @@ class BackendLink(asyncio.Protocol):
             self.transport.write(b"".join(out) if len(out) > 1 else out[0])
 
     def expect(self, kind: int, swallow: int = 0, on_done=None, rows: list | None = None) -> None:
+        if kind == K_QUERY:
+            self.unnamed_of = None  # Postgres drops the unnamed statement on a simple Query
         self.queue.append(Expect(kind, swallow, on_done, None, rows))
 
-    def send(self, kind: int, raw: bytes, heal: bytes | None = None) -> None:
+    def send(self, kind: int, raw: bytes, heal: bytes | None = None,
+             names: tuple[bytes, bytes] | None = None) -> None:
         """Write a client's extended-protocol message, remembering it for a heal."""
         e = Expect(kind)
         e.raw = raw
         e.heal = heal
+        e.names = names
         self.queue.append(e)
         self._out.append(raw)
 
@@ -266,6 +279,9 @@ class BackendLink(asyncio.Protocol):
             return
         kind = head.kind
         if mtype == E:
+            if head.names is not None and head.names[0] in raw:
+                # "prepared statement pgf_... does not exist": say the client's name.
+                raw = _rename_in_error(raw, *head.names)
             if head.swallow != 2:
                 out.append(raw)
             self.copy_in = False

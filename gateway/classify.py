@@ -117,3 +117,22 @@ def might_unpin(sql: bytes) -> bool:
     cursor, UNLISTEN, DEALLOCATE, RESET ROLE, roll back): worth asking the backend."""
     low = sql.lower()
     return any(word in low for word in _MIGHT_UNPIN)
+
+
+_CUSTOM_SET = re.compile(rb"(?:^|;)\s*(?:set|reset)\s+(?:session\s+|local\s+)?"
+                         rb"([a-z_][\w$]*\s*\.\s*[a-z_][\w$.]*)")
+_CUSTOM_CONFIG = re.compile(rb"set_config\s*\(\s*'([^']*\.[^']*)'")
+
+
+def custom_setting_names(sql: bytes) -> set[str]:
+    """Extension-style settings (``app.tenant``) that ``sql`` may set.
+
+    Postgres lists such placeholders nowhere (pg_settings omits them), so the book
+    re-reads them by name, and these are the names.
+    """
+    low = sql.lower()
+    if b"." not in low:
+        return set()
+    names = {m.group(1).replace(b" ", b"") for m in _CUSTOM_SET.finditer(_blank(low))}
+    names.update(m.group(1) for m in _CUSTOM_CONFIG.finditer(low))
+    return {n.decode("utf-8", "replace") for n in names}

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from pgwire import frontend as fe
 
-from .backend import K_QUERY, K_SYNC, BackendLink
+from .backend import K_EXEC, K_QUERY, K_SYNC, BackendLink
 
 if TYPE_CHECKING:
     from .session import Session
@@ -117,10 +117,12 @@ class LeaseManager:
         if _unsynced(link):
             link.write(fe.SYNC)
             link.expect(K_SYNC)
-        if link.queue:
-            # Stop whatever is still running rather than wait for it.
+        if any(e.swallow == 0 and e.kind in (K_QUERY, K_EXEC) for e in link.queue):
+            # Stop the client's statement rather than wait for it. The backend is not
+            # reused before Postgres has taken the cancel (drain_progress waits), so a
+            # late signal cannot hit the next session's query.
             link.needs_reset = True
-            self.worker.send_cancel(link.pid, link.secret)
+            link.cancel_task = self.worker.send_cancel(link.pid, link.secret)
         link.flush()
         link.drain_timer = self.loop.call_later(DRAIN_TIMEOUT, self._drain_timeout, link)
         self.drain_progress(link)
@@ -143,6 +145,11 @@ class LeaseManager:
             link.write(fe.encode_query("ROLLBACK"))
             link.flush()
             return
+        task = link.cancel_task
+        if task is not None and not task.done():
+            task.add_done_callback(lambda _t: link.draining and self.drain_progress(link))
+            return
+        link.cancel_task = None
         self._end_drain(link)
         self.put_back(link)
 

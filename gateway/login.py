@@ -132,6 +132,7 @@ class Login:
             raise LoginFailed(exc.sqlstate, exc.message) from None
         s.user, s.database, s.key = user, database, (database, user)
         s.settings = s.startup_settings = settings
+        s.custom_names = {low for low in settings if "." in low}
 
         cache_key = self.worker.status_key(s.key, settings)
         # Role/database defaults may change while we wait; then what we learn is stale.

@@ -26,6 +26,7 @@ from . import sql_prepare
 from .backend import K_BIND, K_CLOSE, K_DESC_P, K_DESC_S, K_EXEC, K_PARSE, K_QUERY, K_SYNC
 from .classify import (
     changes_settings,
+    custom_setting_names,
     drops_statements,
     might_unpin,
     pin_reason,
@@ -58,7 +59,7 @@ PIN_QUERY = (
     " EXISTS (SELECT FROM pg_catalog.pg_listening_channels()),"
     " current_user <> {user} OR session_user <> {user}"
 )
-SETTINGS_QUERY = fe.encode_query(
+SETTINGS_SQL = (
     "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' "
     "AND name NOT IN ('role', 'session_authorization')"
 )
@@ -102,6 +103,9 @@ class Session(asyncio.Protocol):
         # A statement that may have changed settings ran: re-read the book before
         # the backend goes back.
         self.settings_dirty = False
+        # Extension-style settings (app.tenant) the session touched: pg_settings omits
+        # them, so the book re-reads them by name.
+        self.custom_names: set[str] = set()
         self.link: BackendLink | None = None
         self.waiting = False
         self.wait_timer: asyncio.TimerHandle | None = None
@@ -118,6 +122,14 @@ class Session(asyncio.Protocol):
         # Protocol statements (client name; the unnamed one) whose text EXECUTEs one of them.
         self.sql_deps: dict[bytes, bytes] = {}
         self.unnamed_dep: bytes | None = None
+        # Why executing a statement pins (client name; the unnamed one).
+        self.stmt_pins: dict[bytes, str] = {}
+        # Per statement: (settings RESET, drops all statements) when executed.
+        self.stmt_effects: dict[bytes, tuple[tuple[str, ...], bool] | None] = {}
+        self.unnamed_effects: tuple[tuple[str, ...], bool] | None = None
+        self.pending_resets: tuple[str, ...] = ()
+        self.pending_drop = False
+        self.unnamed_pin: str | None = None
         # Statements whose execution may change settings (client names; the unnamed one).
         self.setting_stmts: set[bytes] = set()
         self.unnamed_sets = False
@@ -284,11 +296,18 @@ class Session(asyncio.Protocol):
         query = body[: _cstr_end(body, 0)]
         if pin_reason(query) is not None:
             return False
+        if self.sql_stmts and sql_prepare.mentions_prepared(query):
+            return False  # may need rewriting: take the full path
         self.stmts[name] = (bname, _msg(P, bname + b"\x00" + body))
+        self.stmt_pins.pop(name, None)
+        self.sql_deps.pop(name, None)
         if changes_settings(query):
             self.setting_stmts.add(name)
+            self.custom_names |= custom_setting_names(query)
+            self.stmt_effects[name] = (reset_targets(query), drops_statements(query))
         else:
             self.setting_stmts.discard(name)
+            self.stmt_effects[name] = None
         self.write_client(be.PARSE_COMPLETE)
         return True
 
@@ -496,6 +515,15 @@ class Session(asyncio.Protocol):
             self.detach()
             self.worker.leases.put_back(link)
 
+    def _dropped_all(self, link: BackendLink) -> None:
+        """DEALLOCATE ALL / DISCARD ALL: the backend loses every statement, ours and other
+        sessions'; our names go, and every statement is prepared again where needed."""
+        self.stmts.clear()
+        self.sql_stmts.clear()
+        self.unnamed_parse = self.unnamed_token = None
+        link.prepared.clear()
+        link.unnamed_of = None
+
     def _after_resets(self, link: BackendLink, targets: tuple[str, ...]) -> None:
         """RESET puts a setting back to its startup value in Postgres, not to the server
         default: replay the startup values it touched, right behind the statement."""
@@ -536,13 +564,20 @@ class Session(asyncio.Protocol):
                 return
             book = {}
             for name, value in rows:
+                if value is None:
+                    continue  # a custom setting never defined here
                 n = name.decode()
-                book[n.lower()] = (n, value.decode() if value is not None else "")
+                book[n.lower()] = (n, value.decode())
             self.settings = book
             link.applied = {k: v for k, (_, v) in book.items()}
 
+        query = SETTINGS_SQL
+        if self.custom_names:
+            names = ", ".join(quote_literal(n) for n in sorted(self.custom_names))
+            query += (" UNION ALL SELECT n, pg_catalog.current_setting(n, true)"
+                      f" FROM pg_catalog.unnest(ARRAY[{names}]::text[]) AS n")
         link.expect(K_QUERY, swallow=1, on_done=done, rows=rows)
-        link.write(SETTINGS_QUERY)
+        link.write(fe.encode_query(query))
 
     def detach(self) -> None:
         link = self.link
@@ -586,6 +621,8 @@ class Session(asyncio.Protocol):
             self.unsynced = True
         if mtype == Q:
             sql = payload[:-1]
+            # A simple Query drops the unnamed statement, for the client too.
+            self.unnamed_parse = self.unnamed_token = None
             cmd = sql_prepare.parse(sql) if sql_prepare.mentions_prepared(sql) else None
             if cmd is None:
                 self._note_pins(sql)
@@ -595,14 +632,10 @@ class Session(asyncio.Protocol):
                 self._sql_prepared(link, cmd, sql)
             if changes_settings(sql):
                 self.settings_dirty = True
+                self.custom_names |= custom_setting_names(sql)
                 self._after_resets(link, reset_targets(sql))
             if drops_statements(sql):
-                # The backend loses every statement, ours and other sessions'.
-                self.stmts.clear()
-                self.sql_stmts.clear()
-                self.unnamed_parse = self.unnamed_token = None
-                link.prepared.clear()
-                link.unnamed_of = None
+                self._dropped_all(link)
         elif mtype == P:
             self._parse(link, payload, raw)
         elif mtype == B:
@@ -611,19 +644,29 @@ class Session(asyncio.Protocol):
             name = payload[pe + 1 : se]
             if (name in self.setting_stmts) if name else self.unnamed_sets:
                 self.settings_dirty = True
+                effects = self.stmt_effects.get(name) if name else self.unnamed_effects
+                if effects is not None:
+                    self.pending_resets += effects[0]
+                    self.pending_drop = self.pending_drop or effects[1]
+            # Executing it may create pinning state (the Parse may be a Sync earlier).
+            pin = self.stmt_pins.get(name) if name else self.unnamed_pin
+            if pin is not None:
+                self.pins.add(pin)
+                self.pin_check = True
             dep = self.sql_deps.get(name) if name else self.unnamed_dep
             if dep is not None and dep in self.sql_stmts:
                 self._ensure_sql_prepared_extended(link, dep)
-            heal = None
+            heal = names = None
             if name:
                 bname = self._backend_stmt(link, name)
                 if bname is None:
                     return
                 raw = _msg(B, payload[: pe + 1] + bname + payload[se:])
                 heal = self.stmts[name][1]
+                names = (bname, name)
             else:
                 self._ensure_unnamed(link)
-            link.send(K_BIND, raw, heal=heal)
+            link.send(K_BIND, raw, heal=heal, names=names)
         elif mtype == D:
             kind = payload[:1]
             if kind == b"S":
@@ -634,9 +677,10 @@ class Session(asyncio.Protocol):
                     if bname is None:
                         return
                     raw = _msg(D, b"S" + bname + b"\x00")
+                    link.send(K_DESC_S, raw, names=(bname, name))
                 else:
                     self._ensure_unnamed(link)
-                link.send(K_DESC_S, raw)
+                    link.send(K_DESC_S, raw)
             elif kind == b"P":
                 link.send(K_DESC_P, raw)
             else:
@@ -646,6 +690,12 @@ class Session(asyncio.Protocol):
         elif mtype == S:
             self.skip_until_sync = self.unsynced = False
             link.send(K_SYNC, raw)
+            if self.pending_drop:
+                self.pending_drop = False
+                self._dropped_all(link)
+            if self.pending_resets:
+                targets, self.pending_resets = self.pending_resets, ()
+                self._after_resets(link, targets)
         elif mtype == C:
             kind = payload[:1]
             end = _cstr_end(payload, 1)
@@ -675,6 +725,14 @@ class Session(asyncio.Protocol):
         qe = _cstr_end(body, 0)
         query = body[:qe]
         self._note_pins(query)
+        pin = pin_reason(query)
+        if name:
+            if pin is None:
+                self.stmt_pins.pop(name, None)
+            else:
+                self.stmt_pins[name] = pin
+        else:
+            self.unnamed_pin = pin
         dep: bytes | None = None
         if self.sql_stmts and sql_prepare.mentions_prepared(query):
             cmd = sql_prepare.parse(query)
@@ -691,6 +749,15 @@ class Session(asyncio.Protocol):
                 else:
                     dep = cmd.name  # binding this statement later needs our SQL statement
         sets = changes_settings(query)
+        effects = None
+        if sets:
+            self.custom_names |= custom_setting_names(query)
+            # What executing it does beyond its result, applied at the group's Sync.
+            effects = (reset_targets(query), drops_statements(query))
+        if name:
+            self.stmt_effects[name] = effects
+        else:
+            self.unnamed_effects = effects
         if name:
             if dep is None:
                 self.sql_deps.pop(name, None)
@@ -783,5 +850,15 @@ class Session(asyncio.Protocol):
         link.write(self.unnamed_parse)
 
     def _synth_error(self, link: BackendLink, code: str, message: str) -> None:
-        link.push_synth(error_response("ERROR", code, message))
-        self.skip_until_sync = True
+        """Fail an extended-protocol message with an error pgfleet decides, through the
+        backend, so it aborts the transaction (and skips to Sync) exactly as Postgres."""
+        msg = quote_literal(message).replace("$", "\\x24")
+        sql = (f"DO $pgfleet$BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', "
+               f"MESSAGE = {msg}; END$pgfleet$")
+        link.unnamed_of = None  # the unnamed statement carries the DO block
+        link.expect(K_PARSE, swallow=1)
+        link.write(fe.encode_parse("", sql))
+        link.expect(K_BIND, swallow=1)
+        link.write(fe.encode_bind("", "", []))
+        link.expect(K_EXEC, swallow=1)
+        link.write(fe.encode_execute("", 0))

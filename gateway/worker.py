@@ -130,8 +130,9 @@ class Worker:
         if target is not None:
             self.send_cancel(*target)
 
-    def send_cancel(self, backend_pid: int, backend_secret: int) -> None:
-        self.loop.create_task(self._send_cancel(backend_pid, backend_secret))
+    def send_cancel(self, backend_pid: int, backend_secret: int) -> asyncio.Task:
+        """Ask Postgres to cancel; the task ends once Postgres has signalled the backend."""
+        return self.loop.create_task(self._send_cancel(backend_pid, backend_secret))
 
     async def _send_cancel(self, pid: int, secret: int) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -1,0 +1,487 @@
+"""The extended query protocol through pgfleet, byte by byte, against a real Postgres.
+
+Raw-protocol clients (tests/wire.py) send Parse/Bind/Describe/Execute/Close/Sync/Flush
+sequences while other sessions hold backends, so that a session's backend changes
+between its Syncs. Where Postgres's own answer is the reference, the same messages
+also go straight to Postgres and both replies must match.
+"""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from pgwire import backend as be
+from pgwire import frontend as fe
+from tests.wire import RawClient, data_rows
+
+INT4, TEXT = 23, 25
+
+
+@pytest.fixture(scope="module")
+def two_backends(make_module_server):
+    return make_module_server("--pool-size", "2", "--workers", "1", "--query-wait-timeout", "10")
+
+
+@pytest.fixture(scope="module")
+def one_backend(make_module_server):
+    return make_module_server("--pool-size", "1", "--workers", "1", "--query-wait-timeout", "10")
+
+
+def via(srv) -> RawClient:
+    c = RawClient(srv.port)
+    try:
+        c.login_scram()
+    except BaseException:
+        c.close()
+        raise
+    return c
+
+
+def direct(srv) -> RawClient:
+    c = RawClient(f"{srv.socket_dir}/.s.PGSQL.5432")
+    try:
+        c.login_trust()
+    except BaseException:
+        c.close()
+        raise
+    return c
+
+
+def side_session(srv) -> psycopg.Connection:
+    return psycopg.connect(srv.dsn(), autocommit=True, connect_timeout=10)
+
+
+def summary(msgs: list) -> list[tuple]:
+    """The replies as comparable tuples (ParameterStatus and notices left out)."""
+    out: list[tuple] = []
+    for m in msgs:
+        if isinstance(m, be.ParameterStatus | be.NoticeResponse):
+            continue
+        name = type(m).__name__
+        if isinstance(m, be.DataRow):
+            out.append((name, m.values))
+        elif isinstance(m, be.CommandComplete):
+            out.append((name, m.tag))
+        elif isinstance(m, be.ErrorResponse):
+            out.append((name, m.sqlstate, m.message))
+        elif isinstance(m, be.ReadyForQuery):
+            out.append((name, m.status))
+        elif isinstance(m, be.ParameterDescription):
+            out.append((name, m.oids))
+        elif isinstance(m, be.RowDescription):
+            out.append((name, [(f.name, f.type_oid) for f in m.fields]))
+        else:
+            out.append((name,))
+    return out
+
+
+def exchange(c: RawClient, *messages: bytes, syncs: int = 1) -> list[tuple]:
+    """Send ``messages`` in one write; the summary of the replies up to ``syncs`` RFQs."""
+    c.send(b"".join(messages))
+    out: list[tuple] = []
+    for _ in range(syncs):
+        out += summary(c.read_until_ready())
+    return out
+
+
+def read_n(c: RawClient, n: int) -> list:
+    """Exactly the next ``n`` messages other than ParameterStatus and notices."""
+    out = []
+    while len(out) < n:
+        m = c.read_message()
+        assert m is not None, f"connection closed; got {out!r}"
+        if not isinstance(m, be.ParameterStatus | be.NoticeResponse):
+            out.append(m)
+    return out
+
+
+def backend_pid(conn: psycopg.Connection) -> int:
+    return conn.execute("select pg_backend_pid()").fetchone()[0]
+
+
+# ------------------------------------------------------------------ lib/pq's pattern
+
+
+def test_unnamed_statement_survives_a_backend_switch(two_backends):
+    """lib/pq (and pgx) parse and describe the unnamed statement, Sync, then bind and
+    execute it. With a transaction-mode pooler the Bind lands on another backend that
+    has no (or another) unnamed statement: PgBouncer answers 'bind message supplies 1
+    parameters, but prepared statement "" requires 0'. pgfleet must re-prepare it."""
+    t1, t2 = side_session(two_backends), side_session(two_backends)
+    s = via(two_backends)
+    try:
+        # t1 holds one backend in a transaction, so s parses on the other one.
+        t1.execute("begin")
+        pid_t1 = backend_pid(t1)
+        got = exchange(
+            s,
+            fe.encode_parse("", "select $1::int + 1 as answer, pg_backend_pid() as pid", [INT4]),
+            fe.encode_describe("S", ""),
+            fe.SYNC,
+        )
+        assert got == [
+            ("ParseComplete",),
+            ("ParameterDescription", [INT4]),
+            ("RowDescription", [("answer", INT4), ("pid", INT4)]),
+            ("ReadyForQuery", "I"),
+        ]
+        # t2 takes the backend s parsed on; t1 lets its own go: s must run on that one.
+        t2.execute("begin")
+        pid_t2 = backend_pid(t2)
+        assert pid_t2 != pid_t1
+        t1.execute("commit")
+        got = exchange(s, fe.encode_bind("", "", [b"41"]), fe.encode_execute(), fe.SYNC)
+        assert got == [
+            ("BindComplete",),
+            ("DataRow", [b"42", str(pid_t1).encode()]),
+            ("CommandComplete", "SELECT 1"),
+            ("ReadyForQuery", "I"),
+        ]
+        # A second bind of the same unnamed statement, after yet another switch: t1 takes
+        # the backend s just used, t2 lets the other go.
+        t1.execute("begin")
+        assert backend_pid(t1) == pid_t1
+        t2.execute("commit")
+        got = exchange(s, fe.encode_bind("", "", [b"99"]), fe.encode_describe("P", ""),
+                       fe.encode_execute(), fe.SYNC)
+        assert got == [
+            ("BindComplete",),
+            ("RowDescription", [("answer", INT4), ("pid", INT4)]),
+            ("DataRow", [b"100", str(pid_t2).encode()]),
+            ("CommandComplete", "SELECT 1"),
+            ("ReadyForQuery", "I"),
+        ]
+        t1.execute("commit")
+    finally:
+        s.close()
+        t1.close()
+        t2.close()
+
+
+def test_unnamed_statement_survives_another_sessions_settings(one_backend):
+    """One backend, two sessions with different settings. u uses only a named statement,
+    so nothing of u's own touches the unnamed statement; but pgfleet replays settings
+    with simple queries on the shared backend, and a simple Query destroys the unnamed
+    statement in Postgres. s's Bind must still find its statement."""
+    s, u = via(one_backend), via(one_backend)
+    try:
+        assert summary(s.query("set search_path = pg_catalog, public"))[0] == (
+            "CommandComplete", "SET")
+        assert exchange(s, fe.encode_parse("", "select $1::int + 1", [INT4]),
+                        fe.encode_describe("S", ""), fe.SYNC)[0] == ("ParseComplete",)
+        assert exchange(u, fe.encode_parse("un", "select 5"), fe.encode_bind("", "un", []),
+                        fe.encode_execute(), fe.SYNC)[2] == ("DataRow", [b"5"])
+        assert exchange(s, fe.encode_bind("", "", [b"41"]), fe.encode_execute(), fe.SYNC) == [
+            ("BindComplete",), ("DataRow", [b"42"]), ("CommandComplete", "SELECT 1"),
+            ("ReadyForQuery", "I")]
+    finally:
+        s.close()
+        u.close()
+
+
+# ------------------------------------------------------------------ pipelining
+
+
+# random() is volatile: the division is not folded at Bind, it fails at Execute.
+DIVIDE_10 = "select 10 / ($1::int + (random() * 0)::int)"
+PIPELINE = [
+    # group 1: runs
+    fe.encode_parse("", "select 1"),
+    fe.encode_bind("", "", []),
+    fe.encode_execute(),
+    fe.SYNC,
+    # group 2: the first Execute fails; the rest of the group is skipped up to its Sync
+    fe.encode_parse("pq", DIVIDE_10, [INT4]),
+    fe.encode_bind("", "pq", [b"0"]),
+    fe.encode_execute(),
+    fe.encode_bind("", "pq", [b"5"]),
+    fe.encode_describe("P", ""),
+    fe.encode_execute(),
+    fe.encode_parse("never", "select 'skipped'"),
+    fe.SYNC,
+    # group 3: runs normally, with the statement group 2 prepared before its error
+    fe.encode_bind("", "pq", [b"2"]),
+    fe.encode_execute(),
+    fe.encode_bind("", "never", []),
+    fe.encode_execute(),
+    fe.SYNC,
+]
+PIPELINE_REPLIES = [
+    ("ParseComplete",),
+    ("BindComplete",),
+    ("DataRow", [b"1"]),
+    ("CommandComplete", "SELECT 1"),
+    ("ReadyForQuery", "I"),
+    ("ParseComplete",),
+    ("BindComplete",),
+    ("ErrorResponse", "22012", "division by zero"),
+    ("ReadyForQuery", "I"),
+    ("BindComplete",),
+    ("DataRow", [b"5"]),
+    ("CommandComplete", "SELECT 1"),
+    ("ErrorResponse", "26000", 'prepared statement "never" does not exist'),
+    ("ReadyForQuery", "I"),
+]
+
+
+def test_pipelined_groups_with_an_error_in_the_middle(two_backends):
+    d, c = direct(two_backends), via(two_backends)
+    try:
+        assert exchange(d, *PIPELINE, syncs=3) == PIPELINE_REPLIES
+        assert exchange(c, *PIPELINE, syncs=3) == PIPELINE_REPLIES
+        # The session goes on: the statement from group 2 is still there.
+        for conn in (d, c):
+            got = exchange(conn, fe.encode_bind("", "pq", [b"10"]), fe.encode_execute(), fe.SYNC)
+            assert got == [("BindComplete",), ("DataRow", [b"1"]),
+                           ("CommandComplete", "SELECT 1"), ("ReadyForQuery", "I")]
+    finally:
+        d.close()
+        c.close()
+
+
+def test_pipelined_error_inside_a_transaction_block(two_backends):
+    """After an error inside BEGIN the whole transaction is failed (RFQ 'E') until ROLLBACK."""
+    steps = [
+        fe.encode_query("begin"),
+        fe.encode_parse("dv", DIVIDE_10, [INT4]),
+        fe.encode_bind("", "dv", [b"0"]),
+        fe.encode_execute(),
+        fe.SYNC,
+        fe.encode_bind("", "dv", [b"1"]),
+        fe.encode_execute(),
+        fe.SYNC,
+        fe.encode_query("rollback"),
+        # Parse is not transactional: the statement outlives the rollback.
+        fe.encode_bind("", "dv", [b"1"]),
+        fe.encode_execute(),
+        fe.SYNC,
+    ]
+    expected = [
+        ("CommandComplete", "BEGIN"),
+        ("ReadyForQuery", "T"),
+        ("ParseComplete",),
+        ("BindComplete",),
+        ("ErrorResponse", "22012", "division by zero"),
+        ("ReadyForQuery", "E"),
+        ("ErrorResponse", "25P02",
+         "current transaction is aborted, commands ignored until end of transaction block"),
+        ("ReadyForQuery", "E"),
+        ("CommandComplete", "ROLLBACK"),
+        ("ReadyForQuery", "I"),
+        ("BindComplete",),
+        ("DataRow", [b"10"]),
+        ("CommandComplete", "SELECT 1"),
+        ("ReadyForQuery", "I"),
+    ]
+    d, c = direct(two_backends), via(two_backends)
+    try:
+        assert exchange(d, *steps, syncs=5) == expected
+        assert exchange(c, *steps, syncs=5) == expected
+    finally:
+        d.close()
+        c.close()
+
+
+# ------------------------------------------------------------------ named statements
+
+
+def test_close_of_a_shared_statement_text_affects_only_its_session(one_backend):
+    """Both sessions' 's1' are one backend statement on the only backend; A's Close
+    must not close it under B."""
+    a, b = via(one_backend), via(one_backend)
+    try:
+        for conn in (a, b):
+            assert exchange(conn, fe.encode_parse("s1", "select 1"), fe.SYNC) == [
+                ("ParseComplete",), ("ReadyForQuery", "I")]
+        assert exchange(a, fe.encode_close("S", "s1"), fe.SYNC) == [
+            ("CloseComplete",), ("ReadyForQuery", "I")]
+        run_s1 = [fe.encode_bind("", "s1", []), fe.encode_execute(), fe.SYNC]
+        ok = [("BindComplete",), ("DataRow", [b"1"]), ("CommandComplete", "SELECT 1"),
+              ("ReadyForQuery", "I")]
+        assert exchange(b, *run_s1) == ok
+        assert exchange(a, *run_s1) == [
+            ("ErrorResponse", "26000", 'prepared statement "s1" does not exist'),
+            ("ReadyForQuery", "I")]
+        # Closing a name that does not exist is not an error, as in Postgres.
+        assert exchange(a, fe.encode_close("S", "s1"), fe.encode_close("S", "never"),
+                        fe.SYNC) == [("CloseComplete",), ("CloseComplete",),
+                                     ("ReadyForQuery", "I")]
+        # A can take the name again, for other text; B keeps its own.
+        assert exchange(a, fe.encode_parse("s1", "select 2"), *run_s1) == [
+            ("ParseComplete",), ("BindComplete",), ("DataRow", [b"2"]),
+            ("CommandComplete", "SELECT 1"), ("ReadyForQuery", "I")]
+        assert exchange(b, *run_s1) == ok
+        # And B's Close leaves A's alone.
+        assert exchange(b, fe.encode_close("S", "s1"), *run_s1) == [
+            ("CloseComplete",),
+            ("ErrorResponse", "26000", 'prepared statement "s1" does not exist'),
+            ("ReadyForQuery", "I")]
+        assert exchange(a, *run_s1)[1] == ("DataRow", [b"2"])
+    finally:
+        a.close()
+        b.close()
+
+
+NAME_ERRORS = [
+    fe.encode_parse("dup", "select 1"),
+    fe.SYNC,
+    # Parse of an existing name fails; the rest of the group is skipped.
+    fe.encode_parse("dup", "select 2"),
+    fe.encode_bind("", "dup", []),
+    fe.encode_execute(),
+    fe.SYNC,
+    # Bind of an unknown name fails with the client's name; the group is skipped.
+    fe.encode_bind("", "nope", []),
+    fe.encode_execute(),
+    fe.encode_parse("later", "select 3"),
+    fe.SYNC,
+    # After the Sync the session goes on, with the first 'dup'.
+    fe.encode_bind("", "dup", []),
+    fe.encode_execute(),
+    fe.SYNC,
+    fe.encode_query("select 4"),
+]
+NAME_ERROR_REPLIES = [
+    ("ParseComplete",),
+    ("ReadyForQuery", "I"),
+    ("ErrorResponse", "42P05", 'prepared statement "dup" already exists'),
+    ("ReadyForQuery", "I"),
+    ("ErrorResponse", "26000", 'prepared statement "nope" does not exist'),
+    ("ReadyForQuery", "I"),
+    ("BindComplete",),
+    ("DataRow", [b"1"]),
+    ("CommandComplete", "SELECT 1"),
+    ("ReadyForQuery", "I"),
+    ("RowDescription", [("?column?", INT4)]),
+    ("DataRow", [b"4"]),
+    ("CommandComplete", "SELECT 1"),
+    ("ReadyForQuery", "I"),
+]
+
+
+def test_duplicate_and_unknown_statement_names(two_backends):
+    d, c = direct(two_backends), via(two_backends)
+    try:
+        assert exchange(d, *NAME_ERRORS, syncs=5) == NAME_ERROR_REPLIES
+        assert exchange(c, *NAME_ERRORS, syncs=5) == NAME_ERROR_REPLIES
+    finally:
+        d.close()
+        c.close()
+
+
+def test_statement_name_errors_abort_the_transaction_block(two_backends):
+    """Inside BEGIN, a duplicate Parse or an unknown Bind fails the transaction, exactly
+    like any other error: RFQ 'E', later statements 25P02, until ROLLBACK."""
+    steps = [
+        fe.encode_parse("dup", "select 1"),
+        fe.SYNC,
+        fe.encode_query("begin"),
+        fe.encode_parse("dup", "select 2"),
+        fe.SYNC,
+        fe.encode_query("select 'after duplicate'"),
+        fe.encode_query("rollback"),
+        fe.encode_query("begin"),
+        fe.encode_bind("", "nope", []),
+        fe.encode_execute(),
+        fe.SYNC,
+        fe.encode_query("select 'after unknown'"),
+        fe.encode_query("rollback"),
+    ]
+    aborted = ("ErrorResponse", "25P02",
+               "current transaction is aborted, commands ignored until end of transaction block")
+    expected = [
+        ("ParseComplete",), ("ReadyForQuery", "I"),
+        ("CommandComplete", "BEGIN"), ("ReadyForQuery", "T"),
+        ("ErrorResponse", "42P05", 'prepared statement "dup" already exists'),
+        ("ReadyForQuery", "E"),
+        aborted, ("ReadyForQuery", "E"),
+        ("CommandComplete", "ROLLBACK"), ("ReadyForQuery", "I"),
+        ("CommandComplete", "BEGIN"), ("ReadyForQuery", "T"),
+        ("ErrorResponse", "26000", 'prepared statement "nope" does not exist'),
+        ("ReadyForQuery", "E"),
+        aborted, ("ReadyForQuery", "E"),
+        ("CommandComplete", "ROLLBACK"), ("ReadyForQuery", "I"),
+    ]
+    d, c = direct(two_backends), via(two_backends)
+    try:
+        assert exchange(d, *steps, syncs=9) == expected
+        assert exchange(c, *steps, syncs=9) == expected
+    finally:
+        d.close()
+        c.close()
+
+
+def test_statement_name_error_rolls_back_its_sync_group(two_backends):
+    """Outside BEGIN, the messages up to Sync form one implicit transaction: an unknown
+    statement name after an INSERT must undo the INSERT, as any error would."""
+    table = "ext_proto_group_rollback"
+    steps = [
+        fe.encode_parse("", f"insert into {table} values (1)"),
+        fe.encode_bind("", "", []),
+        fe.encode_execute(),
+        fe.encode_bind("", "nope", []),
+        fe.encode_execute(),
+        fe.SYNC,
+        fe.encode_query(f"select count(*) from {table}"),
+    ]
+    expected = [
+        ("ParseComplete",), ("BindComplete",), ("CommandComplete", "INSERT 0 1"),
+        ("ErrorResponse", "26000", 'prepared statement "nope" does not exist'),
+        ("ReadyForQuery", "I"),
+        ("RowDescription", [("count", 20)]), ("DataRow", [b"0"]),
+        ("CommandComplete", "SELECT 1"), ("ReadyForQuery", "I"),
+    ]
+    with psycopg.connect(two_backends.direct_dsn(), autocommit=True, connect_timeout=10) as admin:
+        admin.execute(f"create table {table} (x int)")
+        d, c = direct(two_backends), via(two_backends)
+        try:
+            assert exchange(d, *steps, syncs=2) == expected
+            assert exchange(c, *steps, syncs=2) == expected
+        finally:
+            d.close()
+            c.close()
+            admin.execute(f"drop table {table}")
+
+
+# ------------------------------------------------------------------ Flush
+
+
+def test_flush_keeps_the_backend_until_sync(two_backends):
+    """Parse + Bind + Describe portal + Flush, read the replies, then Execute + Sync.
+    The unnamed portal lives only on the backend that bound it: while another session
+    waits for a backend, pgfleet must not hand this one over at the Flush."""
+    s = via(two_backends)
+    t = side_session(two_backends)
+    u = via(two_backends)
+    try:
+        s.send(b"".join([
+            fe.encode_parse("", "select $1::text as word, pg_backend_pid() as pid", [TEXT]),
+            fe.encode_bind("", "", [b"flushed"]),
+            fe.encode_describe("P", ""),
+            fe.FLUSH,
+        ]))
+        got = summary(read_n(s, 3))
+        assert got == [("ParseComplete",), ("BindComplete",),
+                       ("RowDescription", [("word", TEXT), ("pid", INT4)])]
+        # t takes the other backend; u then needs one and must wait for s's Sync.
+        t.execute("begin")
+        pid_t = backend_pid(t)
+        u.send(fe.encode_query("select pg_backend_pid()"))
+        s.send(fe.encode_execute() + fe.SYNC)
+        msgs = s.read_until_ready()
+        assert [m[0] for m in summary(msgs)] == ["DataRow", "CommandComplete", "ReadyForQuery"]
+        (word, pid), = data_rows(msgs)
+        assert word == b"flushed"
+        pid_s = int(pid)
+        assert pid_s != pid_t
+        # u got s's backend once s was done.
+        assert data_rows(u.read_until_ready()) == [[str(pid_s).encode()]]
+        t.execute("commit")
+        # The portal is gone after Sync, as in Postgres.
+        assert exchange(s, fe.encode_execute(), fe.SYNC) == [
+            ("ErrorResponse", "34000", 'portal "" does not exist'), ("ReadyForQuery", "I")]
+    finally:
+        s.close()
+        t.close()
+        u.close()
