@@ -114,6 +114,7 @@ class Session(asyncio.Protocol):
         # Something ran that may have removed the pinning state: ask the backend what
         # is left before deciding the session is still pinned.
         self.pin_check = False
+        self.pin_epoch = 0  # bumped whenever a pin reason is added
         # client statement name -> (backend name, Parse message under that name)
         self.stmts: dict[bytes, tuple[bytes, bytes]] = {}
         self.unnamed_parse: bytes | None = None
@@ -410,6 +411,7 @@ class Session(asyncio.Protocol):
             reason = pin_reason(sql)
             if reason is not None and reason != "sql_prepare":
                 self.pins.add(reason)
+                self.pin_epoch += 1
                 self.pin_check = True
             if entry is not None:
                 shown = cmd.name.decode("utf-8", "replace")
@@ -489,6 +491,7 @@ class Session(asyncio.Protocol):
         reason = pin_reason(sql)
         if reason is not None:
             self.pins.add(reason)
+            self.pin_epoch += 1
             self.pin_check = True  # its transaction may still roll it back
         elif self.pins and might_unpin(sql):
             self.pin_check = True
@@ -544,7 +547,11 @@ class Session(asyncio.Protocol):
         self.pin_check = False
         rows: list[list[bytes | None]] = []
 
+        epoch = self.pin_epoch
+
         def done(ok: bool) -> None:
+            if self.pin_epoch != epoch:
+                return  # pinning statements were sent after the check: it says too little
             if ok and rows:
                 self.pins = {r for r, v in zip(PIN_REASONS, rows[0], strict=True) if v == b"t"}
 
@@ -652,6 +659,7 @@ class Session(asyncio.Protocol):
             pin = self.stmt_pins.get(name) if name else self.unnamed_pin
             if pin is not None:
                 self.pins.add(pin)
+                self.pin_epoch += 1
                 self.pin_check = True
             dep = self.sql_deps.get(name) if name else self.unnamed_dep
             if dep is not None and dep in self.sql_stmts:
