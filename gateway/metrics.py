@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .worker import Worker
 
-PIN_REASONS = ("temp_table", "advisory_lock", "with_hold_cursor", "sql_prepare", "listen",
-               "set_role", "load")
+from .session import PIN_REASONS as _CHECKED
+
+PIN_REASONS = (*_CHECKED, "load")  # LOAD cannot be undone, so it is never checked
 
 
 class WorkerMetrics:

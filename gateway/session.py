@@ -77,6 +77,13 @@ def _cstr_end(payload: bytes, start: int) -> int:
     return end
 
 
+def _raise_sql(code: str, message: str) -> str:
+    """A statement that fails with exactly this SQLSTATE and message on the backend."""
+    msg = quote_literal(message).replace("$", "\\x24")  # cannot end the dollar quote
+    return (f"DO $pgfleet$BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', "
+            f"MESSAGE = {msg}; END$pgfleet$")
+
+
 def backend_statement_name(body: bytes) -> bytes:
     """A backend-side name for a Parse body (query + parameter types): same text, same name."""
     return b"pgf_" + hashlib.blake2b(body, digest_size=8).hexdigest().encode()
@@ -481,11 +488,8 @@ class Session(asyncio.Protocol):
     def _raise_in_query(self, link: BackendLink, code: str, message: str) -> None:
         """Fail a simple Query with an error pgfleet decides, through the backend, so the
         transaction is aborted there exactly as the client now believes."""
-        msg = quote_literal(message).replace("$", "\\x24")
-        sql = (f"DO $pgfleet$BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', "
-               f"MESSAGE = {msg}; END$pgfleet$")
         link.expect(K_QUERY)
-        link.write(fe.encode_query(sql))
+        link.write(fe.encode_query(_raise_sql(code, message)))
 
     def _note_pins(self, sql: bytes) -> None:
         reason = pin_reason(sql)
@@ -860,12 +864,9 @@ class Session(asyncio.Protocol):
     def _synth_error(self, link: BackendLink, code: str, message: str) -> None:
         """Fail an extended-protocol message with an error pgfleet decides, through the
         backend, so it aborts the transaction (and skips to Sync) exactly as Postgres."""
-        msg = quote_literal(message).replace("$", "\\x24")
-        sql = (f"DO $pgfleet$BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', "
-               f"MESSAGE = {msg}; END$pgfleet$")
         link.unnamed_of = None  # the unnamed statement carries the DO block
         link.expect(K_PARSE, swallow=1)
-        link.write(fe.encode_parse("", sql))
+        link.write(fe.encode_parse("", _raise_sql(code, message)))
         link.expect(K_BIND, swallow=1)
         link.write(fe.encode_bind("", "", []))
         link.expect(K_EXEC, swallow=1)
