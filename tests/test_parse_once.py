@@ -1,0 +1,71 @@
+"""One parse per query per backend, counted by Postgres itself.
+
+50 asyncpg clients each prepare the same 20 statements and 5 of their own, over
+2 workers and 2 backends. With log_min_duration_statement = 0 Postgres logs every
+Parse it runs ("parse <name>: ..."), with its PID: no backend may parse the same
+statement twice, however many clients and workers use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections import Counter
+
+import asyncpg
+import psycopg
+
+from .conftest import PASSWORD
+
+SHARED = [f"select {i} as shared, $1::int + {i} as v" for i in range(20)]
+
+
+def test_each_backend_parses_each_statement_once(make_server):
+    srv = make_server("--pool-size", "2", "--workers", "2")
+    log = srv.home / "log" / "postgres.log"
+    with psycopg.connect(srv.direct_dsn(), autocommit=True) as admin:
+        admin.execute("alter system set log_min_duration_statement = 0")
+        admin.execute("alter system set log_line_prefix = '[%p] '")
+        admin.execute("select pg_reload_conf()")
+    time.sleep(1)
+    start = log.stat().st_size
+
+    async def client(i: int) -> None:
+        conn = await asyncpg.connect(host="127.0.0.1", port=srv.port, user="postgres",
+                                     password=PASSWORD, database="postgres", timeout=60)
+        try:
+            for round_ in range(2):
+                for j, sql in enumerate(SHARED):
+                    assert await conn.fetchval(sql.replace(" as shared,", ","), i) is not None
+                    row = await conn.fetchrow(sql, i + round_)
+                    assert tuple(row) == (j, i + round_ + j)
+                for k in range(5):
+                    own = f"select {k} as own, $1::int * {i + 1000}"
+                    assert tuple(await conn.fetchrow(own, 2)) == (k, 2 * (i + 1000))
+        finally:
+            await conn.close()
+
+    async def main() -> None:
+        await asyncio.gather(*(client(i) for i in range(50)))
+
+    asyncio.run(main())
+    with psycopg.connect(srv.direct_dsn(), autocommit=True) as admin:
+        admin.execute("alter system reset log_min_duration_statement")
+        admin.execute("select pg_reload_conf()")
+    with open(log, "rb") as f:
+        f.seek(start)
+        text = f.read().decode(errors="replace")
+    parses = Counter(
+        (pid, name) for pid, name in re.findall(r"\[(\d+)\] LOG:  duration: [\d.]+ ms  parse (\S+):",
+                                                text)
+    )
+    assert parses, "Postgres logged no Parse at all"
+    backends = {pid for pid, _ in parses}
+    assert 1 <= len(backends) <= 2
+    twice = {k: n for k, n in parses.items() if n > 1}
+    assert not twice, f"statements parsed more than once on one backend: {twice}"
+    # Every shared statement was parsed at most once per backend, not once per client.
+    shared_parses = sum(n for (pid, name), n in parses.items() if name.startswith("pgf_"))
+    distinct = 20 * 2 + 50 * 5  # shared texts (two forms) + each client's own
+    assert shared_parses <= len(backends) * (distinct + 20)  # + asyncpg's introspection
