@@ -635,9 +635,11 @@ class Session(asyncio.Protocol):
             # A simple Query drops the unnamed statement, for the client too.
             self.unnamed_parse = self.unnamed_token = None
             cmd = sql_prepare.parse(sql) if sql_prepare.mentions_prepared(sql) else None
+            query_entry = None
             if cmd is None:
                 self._note_pins(sql)
                 link.expect(K_QUERY)
+                query_entry = link.queue[-1]
                 link.write(raw)
             else:
                 self._sql_prepared(link, cmd, sql)
@@ -645,8 +647,13 @@ class Session(asyncio.Protocol):
                 self.settings_dirty = True
                 self.custom_names |= custom_setting_names(sql)
                 self._after_resets(link, reset_targets(sql))
-            if drops_statements(sql):
-                self._dropped_all(link)
+            if drops_statements(sql) and query_entry is not None:
+                # Only once it worked: a DEALLOCATE ALL in an aborted transaction fails.
+                def dropped(ok: bool, link: BackendLink = link) -> None:
+                    if ok:
+                        self._dropped_all(link)
+
+                query_entry.on_done = dropped
         elif mtype == P:
             self._parse(link, payload, raw)
         elif mtype == B:

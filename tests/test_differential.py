@@ -246,7 +246,9 @@ def _explain(history, got, expected, via: Side, direct: Side) -> str:
 # protocol (asyncpg, JDBC, pgx) send SET, PREPARE or DEALLOCATE ALL.
 @pytest.mark.parametrize("prepare_threshold", [None, 5, 0], ids=["simple", "default", "always"])
 @pytest.mark.parametrize("which", ["pool1", "pool2"])
-@settings(max_examples=25, deadline=None,
+# derandomize: CI explores the same examples every run, so a red run is a regression,
+# not a new corner found by chance; run with --hypothesis-seed=random to explore more.
+@settings(max_examples=25, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(scenario=scenarios())
 def test_sessions_through_pgfleet_match_postgres(servers, which, prepare_threshold, scenario):

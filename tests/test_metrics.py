@@ -20,11 +20,13 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
-def wait_metric(port: int, name: str, want: float, timeout: float = 10.0) -> dict[str, float]:
+def wait_metric(port: int, want: dict[str, float], timeout: float = 15.0) -> dict[str, float]:
+    """Scrape until every metric in ``want`` has its value (each process refreshes its
+    gauges once a second, on its own clock) or the time is up; return the last scrape."""
     deadline = time.monotonic() + timeout
     while True:
         m = scrape(port)
-        if m.get(name) == want or time.monotonic() > deadline:
+        if all(m.get(k) == v for k, v in want.items()) or time.monotonic() > deadline:
             return m
         time.sleep(0.2)
 
@@ -36,16 +38,18 @@ def test_sessions_pins_and_pool_are_exported(make_server):
     try:
         conns[0].execute("create temp table metric_pin(x int)")
         conns[1].execute("select pg_advisory_lock(99)")
-        m = wait_metric(mport, 'pgfleet_pinned_sessions{reason="temp_table"}', 1)
+        m = wait_metric(mport, {'pgfleet_pinned_sessions{reason="temp_table"}': 1,
+                                'pgfleet_pinned_sessions{reason="advisory_lock"}': 1,
+                                "pgfleet_client_sessions": 4})
         assert m['pgfleet_pinned_sessions{reason="temp_table"}'] == 1
         assert m['pgfleet_pinned_sessions{reason="advisory_lock"}'] == 1
         assert m["pgfleet_client_sessions"] == 4
         assert sum(v for k, v in m.items() if k.startswith("pgfleet_pool_backends{")) <= 3
         conns[0].execute("drop table metric_pin")
-        m = wait_metric(mport, 'pgfleet_pinned_sessions{reason="temp_table"}', 0)
+        m = wait_metric(mport, {'pgfleet_pinned_sessions{reason="temp_table"}': 0})
         assert m['pgfleet_pinned_sessions{reason="temp_table"}'] == 0
     finally:
         for c in conns:
             c.close()
-    m = wait_metric(mport, "pgfleet_client_sessions", 0)
+    m = wait_metric(mport, {"pgfleet_client_sessions": 0})
     assert m["pgfleet_client_sessions"] == 0
