@@ -369,6 +369,17 @@ class BackendLink(asyncio.Protocol):
             self._out.append(e.raw)
         return True
 
+    def assume_prepared(self, name: bytes) -> Callable[[bool], None]:
+        """Count ``name`` as prepared from now on (the backend handles messages in order);
+        the returned callback forgets it again if the Parse turns out to fail."""
+        self.prepared.add(name)
+
+        def done(ok: bool) -> None:
+            if not ok:
+                self.prepared.discard(name)
+
+        return done
+
     def make_room(self) -> None:
         """Close the least recently used statements if the set is full (inside an
         extended-protocol sequence: the client's Sync ends it)."""

@@ -446,13 +446,7 @@ class Session(asyncio.Protocol):
             return
         bname, prepare_raw = entry
         if bname not in link.prepared:
-            link.prepared.add(bname)
-
-            def reprepared(ok: bool, link: BackendLink = link) -> None:
-                if not ok:
-                    link.prepared.discard(bname)
-
-            link.expect(K_QUERY, swallow=1, on_done=reprepared)
+            link.expect(K_QUERY, swallow=1, on_done=link.assume_prepared(bname))
             link.write(prepare_raw)
         text = sql[: cmd.start] + bname + sql[cmd.end :]
         on_done = None
@@ -470,12 +464,7 @@ class Session(asyncio.Protocol):
         sequence: its PREPARE runs through the unnamed statement, replies swallowed."""
         bname, prepare_raw = self.sql_stmts[name]
         if bname not in link.prepared:
-            link.prepared.add(bname)
-
-            def reprepared(ok: bool, link: BackendLink = link) -> None:
-                if not ok:
-                    link.prepared.discard(bname)
-
+            reprepared = link.assume_prepared(bname)
             link.unnamed_of = None  # we are about to replace the backend's unnamed statement
             link.expect(K_PARSE, swallow=1)
             link.write(fe.encode_parse("", prepare_raw[5:-1].decode("utf-8", "surrogateescape")))
@@ -844,13 +833,7 @@ class Session(asyncio.Protocol):
             link.prepared.touch(bname)
         else:
             link.make_room()
-            link.prepared.add(bname)
-
-            def reparsed(ok: bool, link: BackendLink = link) -> None:
-                if not ok:
-                    link.prepared.discard(bname)
-
-            link.expect(K_PARSE, swallow=True, on_done=reparsed)
+            link.expect(K_PARSE, swallow=1, on_done=link.assume_prepared(bname))
             link.write(parse_raw)
         return bname
 
