@@ -20,6 +20,7 @@ from pgwire import sqlstate
 from pgwire.backend import decode_backend
 from pgwire.errors import ProtocolViolation, error_response
 from pgwire.framing import MessageFramer
+from pgwire.frontend import encode_close
 
 if TYPE_CHECKING:
     from .session import Session
@@ -361,7 +362,7 @@ class BackendLink(asyncio.Protocol):
         queue.clear()
         queue.append(Expect(K_SYNC, 1))  # the failed group's ReadyForQuery
         self.expect(K_CLOSE, swallow=1)
-        self._out.append(b"C" + struct.pack("!I", len(bname) + 6) + b"S" + bname + b"\x00")
+        self._out.append(encode_close("S", bname.decode()))
         self.expect(K_PARSE, swallow=1)
         self._out.append(heal)
         for e in group:
@@ -385,7 +386,5 @@ class BackendLink(asyncio.Protocol):
         extended-protocol sequence: the client's Sync ends it)."""
         for name in self.prepared.victims():
             self.expect(K_CLOSE, swallow=1)
-            self.write(b"C" + struct.pack("!I", len(name) + 6) + b"S" + name + b"\x00")
+            self.write(encode_close("S", name.decode()))
 
-    def cancel_request(self) -> bytes:
-        return struct.pack("!iiiI", 16, 80877102, self.pid, self.secret)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pgwire import backend as be
 from pgwire import frontend as fe
 from pgwire import sqlstate
+from pgwire.errors import error_fields
 from pgwire.framing import MessageFramer
 
 # Errors on which retrying later makes sense (Postgres starting, restarting, full).
@@ -35,12 +36,7 @@ class BackendError(Exception):
 
 
 def _failure(message: str) -> dict[str, str]:
-    return {
-        "S": "FATAL",
-        "V": "FATAL",
-        "C": sqlstate.CONNECTION_FAILURE,
-        "M": message,
-    }
+    return error_fields("FATAL", sqlstate.CONNECTION_FAILURE, message)
 
 
 @dataclass

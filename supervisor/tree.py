@@ -16,7 +16,6 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import multiprocess
 
@@ -270,6 +269,3 @@ def run_up(cfg: Config, password: str | None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
-
-def default_home() -> Path:
-    return Path(".pgfleet")
