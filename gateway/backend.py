@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ipc.statement_catalog import MAX_PREPARED_PER_BACKEND, backend_name, key_of_name
 from pgwire import sqlstate
 from pgwire.backend import decode_backend
 from pgwire.errors import ProtocolViolation, error_response
@@ -68,8 +69,6 @@ class Expect:
         self.names: tuple[bytes, bytes] | None = None
 
 
-MAX_PREPARED_PER_BACKEND = 512
-
 
 class PreparedSet:
     """Backend names of the statements prepared on one backend, least recently used first.
@@ -105,6 +104,10 @@ class PreparedSet:
     def clear(self) -> None:
         self._names.clear()
 
+    def keys(self) -> list[int]:
+        """The shared catalog's keys of these names, least recently used first."""
+        return [k for k in map(key_of_name, self._names) if k is not None]
+
     def victims(self, limit: int = MAX_PREPARED_PER_BACKEND) -> list[bytes]:
         """Remove and return the oldest names beyond ``limit - 1`` (room for one more)."""
         out = []
@@ -127,8 +130,13 @@ class BackendLink(asyncio.Protocol):
         self.reported: dict[str, str] = dict(lease.get("params") or {})
         # Settings pgfleet replayed on it for sessions, relative to its defaults.
         self.applied: dict[str, str] = dict(lease.get("applied") or {})
-        # Backend-side names of the statements prepared on it.
-        self.prepared = PreparedSet(p.encode() for p in lease.get("prepared") or ())
+        # Backend-side names of the statements prepared on it, kept in the shared
+        # catalog under the backend's slot while no worker holds it.
+        self.slot: int = lease.get("slot", -1)
+        catalog = manager.worker.catalog
+        self.prepared = PreparedSet(
+            map(backend_name, catalog.load(self.slot)) if self.slot >= 0 else ()
+        )
         # Which session's unnamed statement the backend holds (identity of its Parse).
         self.unnamed_of: object | None = None
         self.manager = manager

@@ -289,6 +289,12 @@ class LeaseManager:
         if link.dead and state != "dead":
             state = "dead"
         link.released = True
+        if state != "dead":
+            if link.slot >= 0:
+                # Before the release message: the next holder reads it after the grant.
+                self.worker.catalog.store(link.slot, link.prepared.keys())
+            elif len(link.prepared) and state == "clean":
+                state = "dirty"  # nowhere to say what is prepared on it: reset it
         self.worker.pooler.send(
             {
                 "op": "release",
@@ -296,7 +302,6 @@ class LeaseManager:
                 "state": state,
                 "params": link.reported,
                 "applied": link.applied,
-                "prepared": [p.decode() for p in link.prepared],  # least recently used first
             }
         )
         link.close()

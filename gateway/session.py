@@ -10,7 +10,6 @@ text, so they are re-prepared on whichever backend serves the session.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import struct
 from collections import deque
 from typing import TYPE_CHECKING
@@ -82,11 +81,6 @@ def _raise_sql(code: str, message: str) -> str:
     msg = quote_literal(message).replace("$", "\\x24")  # cannot end the dollar quote
     return (f"DO $pgfleet$BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', "
             f"MESSAGE = {msg}; END$pgfleet$")
-
-
-def backend_statement_name(body: bytes) -> bytes:
-    """A backend-side name for a Parse body (query + parameter types): same text, same name."""
-    return b"pgf_" + hashlib.blake2b(body, digest_size=8).hexdigest().encode()
 
 
 class Session(asyncio.Protocol):
@@ -298,8 +292,8 @@ class Session(asyncio.Protocol):
         if not name or name in self.stmts:
             return False
         body = payload[ne + 1 :]
-        bname = backend_statement_name(body)
-        if bname not in self.worker.known_statements:
+        bname = self.worker.statement_name(body)
+        if not self.worker.statement_known(bname):
             return False
         query = body[: _cstr_end(body, 0)]
         if pin_reason(query) is not None:
@@ -793,7 +787,7 @@ class Session(asyncio.Protocol):
                 f'prepared statement "{name.decode("utf-8", "replace")}" already exists',
             )
             return
-        bname = backend_statement_name(body)
+        bname = self.worker.statement_name(body)
         entry = (bname, _msg(P, bname + b"\x00" + body))
         self.stmts[name] = entry
         if sets:

@@ -16,6 +16,7 @@ import uvloop
 
 from ipc.cancel_table import CancelTable, new_secret
 from ipc.channel import Channel, connect
+from ipc.statement_catalog import HASHED_KEY, StatementCatalog, backend_name, key_of_name, sql_key
 from pgwire import frontend as fe
 from pgwire.quoting import quote_guc_name, quote_literal
 from supervisor.config import Config
@@ -27,7 +28,7 @@ from .session import Session
 log = logging.getLogger("pgfleet.gateway")
 
 STATUS_CACHE_SIZE = 1024
-KNOWN_STATEMENTS_MAX = 10000
+STATEMENT_NAMES_MAX = 16384
 
 
 class PoolerClient:
@@ -99,8 +100,11 @@ class Worker:
         self.loop = asyncio.get_event_loop()
         self.sessions: set[Session] = set()
         self.status_cache: OrderedDict[tuple, dict[str, str]] = OrderedDict()
-        # Backend names of statements that parsed successfully here (see Session._parse_known).
-        self.known_statements: set[bytes] = set()
+        # Parse body -> backend name, so the shared catalog is consulted once per text.
+        self._statement_names: dict[bytes, bytes] = {}
+        # Hash-named statements (catalog full) that parsed successfully here.
+        self._known_hashed: set[bytes] = set()
+        self.catalog = StatementCatalog.attach(cfg.statement_catalog_name)
         self._sql_names = itertools.count(1)
         # Bumped when role/database defaults change: status reports made before are stale.
         self.defaults_gen = 0
@@ -196,12 +200,39 @@ class Worker:
 
     def sql_statement_name(self) -> bytes:
         """A backend name for one session's SQL PREPARE, unique across workers and restarts."""
-        return b"pgfs_%d_%d" % (os.getpid(), next(self._sql_names))
+        return backend_name(sql_key(os.getpid(), next(self._sql_names)))
+
+    def statement_name(self, body: bytes) -> bytes:
+        """The backend name of a Parse body (query and parameter types): ``pgf_<id>`` from
+        the shared catalog, the same in every worker, so each backend parses it once."""
+        name = self._statement_names.get(body)
+        if name is None:
+            if len(self._statement_names) >= STATEMENT_NAMES_MAX:
+                self._statement_names.clear()
+            name = backend_name(self.catalog.key_for(body))
+            self._statement_names[body] = name
+        return name
 
     def note_statement(self, bname: bytes) -> None:
-        if len(self.known_statements) >= KNOWN_STATEMENTS_MAX:
-            self.known_statements.clear()
-        self.known_statements.add(bname)
+        """Postgres accepted ``bname``'s text (see Session._parse_known)."""
+        key = key_of_name(bname)
+        if key is None:
+            return
+        if key & HASHED_KEY:
+            if len(self._known_hashed) >= STATEMENT_NAMES_MAX:
+                self._known_hashed.clear()
+            self._known_hashed.add(bname)
+        else:
+            self.catalog.mark_parsed(key)
+
+    def statement_known(self, bname: bytes) -> bool:
+        """Did Postgres accept this text before, in any worker?"""
+        key = key_of_name(bname)
+        if key is None:
+            return False
+        if key & HASHED_KEY:
+            return bname in self._known_hashed
+        return self.catalog.parsed(key)
 
     @staticmethod
     def status_key(key: tuple[str, str], settings: dict[str, tuple[str, str]]) -> tuple:

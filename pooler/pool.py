@@ -36,6 +36,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from ipc.statement_catalog import StatementCatalog
+
 from .connect import BackendConn, BackendError, open_backend
 
 log = logging.getLogger("pgfleet.pooler")
@@ -62,9 +64,10 @@ class PooledBackend:
     internal: bool = False
     idle_since: float = field(default_factory=time.monotonic)
     # What the last holder left on the backend, handed to the next one so it can
-    # replay only the difference: settings it SET and statements it prepared.
+    # replay only the difference: the settings it SET. (What is prepared on it is kept
+    # in the shared statement catalog under ``slot``.)
     applied: dict[str, str] = field(default_factory=dict)
-    prepared: list[str] = field(default_factory=list)
+    slot: int = -1
     # Opened before its role/database defaults changed: closed when it comes back.
     retired: bool = False
 
@@ -110,6 +113,7 @@ class PoolManager:
         cap: int,
         on_pressure: Callable[[Reclaims], None] = lambda asks: None,
         user_limits: Mapping[str, int] | None = None,
+        catalog: StatementCatalog | None = None,
     ) -> None:
         self.loop = loop
         self.socket_path = socket_path
@@ -127,6 +131,8 @@ class PoolManager:
         self._pressure_timer: asyncio.TimerHandle | None = None
         self.opened_total = 0
         self.closed_total = 0
+        self.catalog = catalog
+        self._free_slots = list(range(catalog.slots - 1, -1, -1)) if catalog else []
 
     # -- accounting ---------------------------------------------------------------------------
     @property
@@ -236,7 +242,7 @@ class PoolManager:
         """A lease comes back: 'clean' (reusable as is), 'dirty' (needs a reset) or 'dead'.
 
         ``carry`` holds what the holder knows of the backend's state now: its reported
-        parameters, the settings it applied and the statements prepared on it.
+        parameters and the settings it applied.
         """
         b = self.backends.get(backend_id)
         if b is None or b.state != "leased":
@@ -247,7 +253,6 @@ class PoolManager:
         if carry:
             b.conn.params = dict(carry.get("params") or b.conn.params)
             b.applied = dict(carry.get("applied") or {})
-            b.prepared = list(carry.get("prepared") or ())
         if b.retired:
             self._close(b)
         elif state == "clean":
@@ -465,6 +470,9 @@ class PoolManager:
         self.opening_reqs.discard(req)
         self.opened_total += 1
         b = PooledBackend(next(self._ids), req.key, conn, state="resetting")
+        if self._free_slots:
+            b.slot = self._free_slots.pop()
+            self.catalog.clear(b.slot)
         self.backends[b.id] = b
         if req.cancelled:
             self._make_idle(b)
@@ -478,7 +486,9 @@ class PoolManager:
             self._pump()
 
     async def _reset(self, b: PooledBackend) -> None:
-        b.applied, b.prepared = {}, []
+        b.applied = {}
+        if b.slot >= 0:
+            self.catalog.clear(b.slot)
         try:
             await b.conn.query(self.loop, "DISCARD ALL")
         except (BackendError, OSError):
@@ -514,6 +524,9 @@ class PoolManager:
         if self.backends.pop(b.id, None) is None:
             done.set_result(None)
             return done
+        if b.slot >= 0:
+            self._free_slots.append(b.slot)
+            b.slot = -1
         self.closed_total += 1
         try:
             self.loop.remove_reader(b.conn.sock.fileno())

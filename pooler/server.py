@@ -10,6 +10,7 @@ import signal
 import uvloop
 
 from ipc.channel import Channel, ChannelServer, serve
+from ipc.statement_catalog import StatementCatalog
 from supervisor.config import Config
 
 from .auth_cache import AuthCache
@@ -69,7 +70,7 @@ class WorkerLink:
                     "secret": b.conn.secret,
                     "params": b.conn.params,
                     "applied": b.applied,
-                    "prepared": b.prepared,
+                    "slot": b.slot,
                 },
                 [b.conn.sock.fileno()],
             )
@@ -132,6 +133,7 @@ class Pooler:
             cfg.pool_size,
             on_pressure=self.reclaim,
             user_limits=cfg.user_limits,
+            catalog=StatementCatalog.attach(cfg.statement_catalog_name),
         )
         self.auth = AuthCache(self.pool, on_defaults_changed=self.defaults_changed)
         self.links: set[WorkerLink] = set()

@@ -30,6 +30,8 @@ class Config:
     user_limits: dict[str, int] = field(default_factory=dict)
     # Prometheus endpoint on host:metrics_port, served by the supervisor (0: off).
     metrics_port: int = 0
+    # Distinct statement texts the shared catalog names pgf_<id> (more get hash names).
+    statement_catalog_size: int = 65536
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).absolute()
@@ -73,6 +75,17 @@ class Config:
     def cancel_table_name(self) -> str:
         digest = hashlib.sha1(str(self.home).encode()).hexdigest()[:12]
         return f"/pgfleet-cancel-{digest}"
+
+    @property
+    def statement_catalog_name(self) -> str:
+        digest = hashlib.sha1(str(self.home).encode()).hexdigest()[:12]
+        return f"/pgfleet-stmts-{digest}"
+
+    @property
+    def backend_slots(self) -> int:
+        """Slots for per-backend prepared sets: the pooler never holds more than its cap
+        (plus the few it may be opening while an evicted one exits)."""
+        return self.pool_size + 16
 
     def to_dict(self) -> dict:
         d = asdict(self)

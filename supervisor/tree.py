@@ -21,6 +21,7 @@ import multiprocess
 
 import pgwire.auth  # noqa: F401  (its mock-SCRAM secret is created here, shared by forks)
 from ipc.cancel_table import CancelTable
+from ipc.statement_catalog import MAX_PREPARED_PER_BACKEND, StatementCatalog
 
 from . import metrics
 from .config import Config
@@ -164,10 +165,14 @@ class Supervisor:
             metrics.prepare_dir(cfg.metrics_dir)
             metrics.serve(cfg.host, cfg.metrics_port)
         watcher = PgWatcher(pg)
-        table = None
+        table = catalog = None
         try:
             watcher.start()
             table = CancelTable.create(cfg.cancel_table_name, cfg.max_clients)
+            catalog = StatementCatalog.create(
+                cfg.statement_catalog_name, cfg.statement_catalog_size, cfg.backend_slots,
+                MAX_PREPARED_PER_BACKEND,
+            )
             listen = make_listen_socket(cfg.host, cfg.port)
             cfg_dict = cfg.to_dict()
             cfg.ipc_dir.mkdir(parents=True, exist_ok=True)
@@ -193,6 +198,8 @@ class Supervisor:
             self._stop_children()
             if table is not None:
                 table.unlink()
+            if catalog is not None:
+                catalog.unlink()
             watcher.stop()  # Postgres last
             lock.close()
         return 0

@@ -67,5 +67,8 @@ def test_each_backend_parses_each_statement_once(make_server):
     assert not twice, f"statements parsed more than once on one backend: {twice}"
     # Every shared statement was parsed at most once per backend, not once per client.
     shared_parses = sum(n for (pid, name), n in parses.items() if name.startswith("pgf_"))
+    # Names come from the shared catalog (pgf_<id>), the same in both workers.
+    assert all(re.fullmatch(r"pgf_\d+", name) for _, name in parses if name.startswith("pgf_"))
+    print(f"backend Parses: {shared_parses} named on {len(backends)} backends")
     distinct = 20 * 2 + 50 * 5  # shared texts (two forms) + each client's own
     assert shared_parses <= len(backends) * (distinct + 20)  # + asyncpg's introspection

@@ -14,9 +14,11 @@ import psycopg
 import pytest
 
 from ipc.codec import Decoder, encode
+from ipc.statement_catalog import StatementCatalog
 from pgwire import backend as be
 from pgwire import frontend as fe
 from pgwire.framing import MessageFramer
+from supervisor.config import Config
 
 
 class FakeWorker:
@@ -101,9 +103,12 @@ def test_lease_passes_a_working_backend_socket(worker, server):
 
 
 def test_dirty_backend_is_reset_before_reuse(worker, server):
+    catalog = StatementCatalog.attach(Config(home=server.home).statement_catalog_name)
     msg, sock = worker.lease()
+    assert msg["slot"] >= 0
     query(sock, "set application_name = 'left-dirty'")
     query(sock, "prepare leftover as select 1")
+    catalog.store(msg["slot"], [7])  # as a worker would before giving it back
     worker.send({"op": "release", "id": msg["id"], "state": "dirty"})
     sock.close()
     # Lease until we get that same backend again (pool size is 5).
@@ -115,7 +120,7 @@ def test_dirty_backend_is_reset_before_reuse(worker, server):
             if m2["pid"] == msg["pid"]:
                 assert query(s2, "show application_name") == [[b""]]
                 assert query(s2, "select count(*) from pg_prepared_statements") == [[b"0"]]
-                assert m2["prepared"] == [] and m2["applied"] == {}
+                assert catalog.load(m2["slot"]) == [] and m2["applied"] == {}
                 break
         else:
             pytest.fail("the reset backend never came back")
