@@ -1,6 +1,7 @@
 """What a statement does to its session beyond its own transaction.
 
-Three questions, each answered by a cheap scan of the statement text:
+Three questions, each answered by a cheap scan of the statement text (and, for
+pinning, Postgres's own parser on the texts the scan flags):
 
 - ``pin_reason``: does it leave state that lives only in the backend that ran it
   (temp tables, session advisory locks, WITH HOLD cursors, LISTEN, SQL PREPARE,
@@ -17,6 +18,9 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
+
+import orjson
+from pglast.parser import ParseError, parse_sql_json
 
 _COMMENT_OR_STRING = re.compile(rb"--[^\n]*|/\*.*?\*/|'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"", re.S)
 _COMMENT_OR_LITERAL = re.compile(rb"--[^\n]*|/\*.*?\*/|'(?:[^']|'')*'", re.S)
@@ -47,12 +51,8 @@ def _blank(low: bytes) -> bytes:
     return _COMMENT_OR_STRING.sub(lambda m: b"''" if m.group(0)[:1] == b"'" else b" ", low)
 
 
-@lru_cache(maxsize=4096)
-def pin_reason(sql: bytes) -> str | None:
-    """Return why running ``sql`` pins its session to the backend, or None if it does not."""
-    low = sql.lower()
-    if not any(word in low for word in _PIN_PREFILTER):
-        return None
+def _scan_pin_reason(low: bytes) -> str | None:
+    """The keyword scan: for text the parser cannot read and for DO block bodies."""
     text = _blank(low)
     m = _LEADING.search(text)
     if m is not None:
@@ -61,6 +61,116 @@ def pin_reason(sql: bytes) -> str | None:
     if m is not None:
         return "advisory_lock" if b"advisory" in m.group(0) else "temp_table"
     return None
+
+
+_ADVISORY_SESSION = frozenset(
+    ("pg_advisory_lock", "pg_try_advisory_lock", "pg_advisory_lock_shared",
+     "pg_try_advisory_lock_shared")
+)
+_ROLE_SETTINGS = frozenset(("role", "session_authorization"))
+_CURSOR_OPT_HOLD = 0x0020  # DeclareCursorStmt.options bit, from Postgres's parsenodes.h
+_LEADING_REASON = {"ListenStmt": "listen", "LoadStmt": "load", "PrepareStmt": "sql_prepare"}
+
+
+def _const_text(node: object) -> str | None:
+    if isinstance(node, dict):
+        const = node.get("A_Const")
+        if isinstance(const, dict) and "sval" in const:
+            return const["sval"].get("sval", "")
+    return None
+
+
+def _node_reason(kind: str, node: dict) -> str | None:
+    """Why one parse-tree node pins, if it does."""
+    if kind == "String":
+        name = node.get("sval", "")
+        if name == "pg_temp" or name.startswith("pg_temp_"):
+            return "temp_table"  # an object in the session's temporary schema
+    elif kind == "FuncCall":
+        fname = node["funcname"][-1].get("String", {}).get("sval", "")
+        if fname in _ADVISORY_SESSION:
+            return "advisory_lock"
+        if fname == "set_config":
+            args = node.get("args") or []
+            setting = _const_text(args[0]) if args else None
+            if setting is None or setting.lower() in _ROLE_SETTINGS:
+                local = args[2].get("A_Const", {}).get("boolval") if len(args) > 2 else None
+                if not (isinstance(local, dict) and local.get("boolval")):
+                    return "set_role"  # set_config('role', ..., false) or unknowable
+    elif kind == "VariableSetStmt":
+        if (
+            node.get("name") in _ROLE_SETTINGS
+            and node.get("kind") == "VAR_SET_VALUE"
+            and not node.get("is_local")
+            and _const_text((node.get("args") or [None])[0]) != "none"
+        ):
+            return "set_role"
+    elif kind == "DeclareCursorStmt":
+        if node.get("options", 0) & _CURSOR_OPT_HOLD:
+            return "with_hold_cursor"
+    elif kind == "DoStmt":
+        # Its body is PL/pgSQL text the parser does not look into: scan it.
+        for arg in node.get("args") or ():
+            body = arg.get("DefElem", {}).get("arg", {}).get("String", {}).get("sval")
+            if body is not None:
+                reason = _scan_pin_reason(body.lower().encode())
+                if reason is not None:
+                    return reason
+    else:
+        return _LEADING_REASON.get(kind)
+    return None
+
+
+def _temp_relation(rel: dict) -> bool:
+    """A RangeVar (the JSON form omits the node name where the field's type is fixed)
+    naming a temporary relation: TEMP in CREATE/SELECT INTO, or the pg_temp schema."""
+    schema = rel.get("schemaname", "")
+    return (rel["relpersistence"] == "t" or schema == "pg_temp"
+            or schema.startswith("pg_temp_"))
+
+
+def _tree_pin_reason(tree: object) -> str | None:
+    """Walk the parse tree; a reason other than SQL PREPARE wins (a PREPAREd statement
+    that takes a lock or creates a temp table pins for that too)."""
+    found: str | None = None
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "relpersistence" in node and _temp_relation(node):
+                return "temp_table"
+            for kind, value in node.items():
+                if isinstance(value, dict):
+                    if kind[:1].isupper():
+                        reason = _node_reason(kind, value)
+                        if reason is not None:
+                            if reason != "sql_prepare":
+                                return reason
+                            found = reason
+                    stack.append(value)
+                elif isinstance(value, list):
+                    stack.extend(value)
+        elif isinstance(node, list):
+            stack.extend(node)
+    return found
+
+
+@lru_cache(maxsize=4096)
+def pin_reason(sql: bytes) -> str | None:
+    """Return why running ``sql`` pins its session to the backend, or None if it does not.
+
+    A keyword prefilter first; candidates are read by Postgres's own parser (pglast),
+    so that a column called ``temp`` or a string mentioning LISTEN pins nothing. Text
+    the parser rejects gets the keyword scan, which errs towards pinning.
+    """
+    low = sql.lower()
+    if not any(word in low for word in _PIN_PREFILTER):
+        return None
+    try:
+        tree = orjson.loads(parse_sql_json(sql.decode("utf-8")))
+    except (ParseError, UnicodeDecodeError, orjson.JSONDecodeError):
+        return _scan_pin_reason(low)
+    return _tree_pin_reason(tree)
 
 
 _SETTINGS = re.compile(rb"(?:^|;)\s*(?:\(\s*)*(?:set|reset|discard\s+all)\b|\bset_config\s*\(")
@@ -109,12 +219,13 @@ def drops_statements(sql: bytes) -> bool:
 
 
 _MIGHT_UNPIN = (b"discard", b"drop", b"unlock", b"close", b"unlisten", b"reset", b"deallocate",
-                b"rollback", b"abort")
+                b"rollback", b"abort", b"none", b"default")
 
 
 def might_unpin(sql: bytes) -> bool:
     """True if ``sql`` may remove pinning state (drop a temp table, unlock, close a
-    cursor, UNLISTEN, DEALLOCATE, RESET ROLE, roll back): worth asking the backend."""
+    cursor, UNLISTEN, DEALLOCATE, RESET ROLE / SET ROLE NONE / SET SESSION AUTHORIZATION
+    DEFAULT, roll back): worth asking the backend."""
     low = sql.lower()
     return any(word in low for word in _MIGHT_UNPIN)
 

@@ -2,33 +2,10 @@
 
 from __future__ import annotations
 
-import time
-import urllib.request
-
 import psycopg
 
 from .conftest import free_port
-
-
-def scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = out.get(name, 0.0) + float(value)
-    return out
-
-
-def wait_metric(port: int, want: dict[str, float], timeout: float = 15.0) -> dict[str, float]:
-    """Scrape until every metric in ``want`` has its value (each process refreshes its
-    gauges once a second, on its own clock) or the time is up; return the last scrape."""
-    deadline = time.monotonic() + timeout
-    while True:
-        m = scrape(port)
-        if all(m.get(k) == v for k, v in want.items()) or time.monotonic() > deadline:
-            return m
-        time.sleep(0.2)
+from .waiting import wait_metric
 
 
 def test_sessions_pins_and_pool_are_exported(make_server):

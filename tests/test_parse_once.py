@@ -16,13 +16,15 @@ from collections import Counter
 import asyncpg
 import psycopg
 
-from .conftest import PASSWORD
+from .conftest import PASSWORD, free_port
+from .waiting import wait_metric
 
 SHARED = [f"select {i} as shared, $1::int + {i} as v" for i in range(20)]
 
 
 def test_each_backend_parses_each_statement_once(make_server):
-    srv = make_server("--pool-size", "2", "--workers", "2")
+    mport = free_port()
+    srv = make_server("--pool-size", "2", "--workers", "2", "--metrics-port", str(mport))
     log = srv.home / "log" / "postgres.log"
     with psycopg.connect(srv.direct_dsn(), autocommit=True) as admin:
         admin.execute("alter system set log_min_duration_statement = 0")
@@ -31,7 +33,9 @@ def test_each_backend_parses_each_statement_once(make_server):
     time.sleep(1)
     start = log.stat().st_size
 
-    async def client(i: int) -> None:
+    pinned_share: list[float] = []
+
+    async def client(i: int, all_done: asyncio.Barrier) -> None:
         conn = await asyncpg.connect(host="127.0.0.1", port=srv.port, user="postgres",
                                      password=PASSWORD, database="postgres", timeout=60)
         try:
@@ -43,13 +47,24 @@ def test_each_backend_parses_each_statement_once(make_server):
                 for k in range(5):
                     own = f"select {k} as own, $1::int * {i + 1000}"
                     assert tuple(await conn.fetchrow(own, 2)) == (k, 2 * (i + 1000))
+            if await all_done.wait() == 0:  # one client looks while all 50 are connected
+                m = await asyncio.to_thread(
+                    wait_metric, mport, {"pgfleet_client_sessions": 50.0})
+                assert m["pgfleet_client_sessions"] == 50
+                pinned = sum(v for k, v in m.items() if k.startswith("pgfleet_pinned_sessions"))
+                pinned_share.append(pinned / 50)
+            await all_done.wait()
         finally:
             await conn.close()
 
     async def main() -> None:
-        await asyncio.gather(*(client(i) for i in range(50)))
+        all_done = asyncio.Barrier(50)
+        await asyncio.gather(*(client(i, all_done) for i in range(50)))
 
     asyncio.run(main())
+    # Prepared statements are shared, not pinned: no asyncpg session holds a backend.
+    print(f"pinned share of asyncpg sessions: {pinned_share[0]:.0%}")
+    assert pinned_share == [0.0]
     with psycopg.connect(srv.direct_dsn(), autocommit=True) as admin:
         admin.execute("alter system reset log_min_duration_statement")
         admin.execute("select pg_reload_conf()")

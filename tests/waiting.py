@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 
 import pytest
@@ -47,3 +48,24 @@ def wait_for(cond: Callable[[], object], timeout: float, what: str) -> object:
     if not value:
         pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
     return value
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = out.get(name, 0.0) + float(value)
+    return out
+
+
+def wait_metric(port: int, want: dict[str, float], timeout: float = 15.0) -> dict[str, float]:
+    """Scrape until every metric in ``want`` has its value (each process refreshes its
+    gauges once a second, on its own clock) or the time is up; return the last scrape."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = scrape(port)
+        if all(m.get(k) == v for k, v in want.items()) or time.monotonic() > deadline:
+            return m
+        time.sleep(0.2)

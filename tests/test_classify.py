@@ -1,0 +1,75 @@
+"""What pins a session: Postgres's parser decides, so names and strings do not fool it."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.classify import might_unpin, pin_reason
+
+PINS = {
+    "create temp table t(x int)": "temp_table",
+    "CREATE GLOBAL TEMPORARY TABLE t(x int)": "temp_table",
+    "create temporary view v as select 1": "temp_table",
+    "create temp sequence s": "temp_table",
+    "select * into temp x from y": "temp_table",
+    "create temp table a as select 1": "temp_table",
+    "select * from pg_temp.t": "temp_table",
+    "create function pg_temp.f() returns int language sql as 'select 1'": "temp_table",
+    "select pg_advisory_lock(1)": "advisory_lock",
+    "select pg_catalog.pg_try_advisory_lock(1, 2)": "advisory_lock",
+    "select x from t where pg_advisory_lock_shared(t.id) is not null": "advisory_lock",
+    "do $$begin perform pg_advisory_lock(1); end$$": "advisory_lock",
+    "declare c cursor with hold for select 1": "with_hold_cursor",
+    "set role alice": "set_role",
+    "SET SESSION AUTHORIZATION alice": "set_role",
+    "select set_config('role', 'alice', false)": "set_role",
+    "select set_config($1, $2, false)": "set_role",  # cannot know which setting: pin
+    'listen "Quoted Channel"': "listen",
+    "load 'auto_explain'": "load",
+    "prepare p as select 1": "sql_prepare",
+    # A PREPAREd statement that takes a lock pins for the lock, not only for PREPARE.
+    "prepare p as select pg_advisory_lock(1)": "advisory_lock",
+    "select 1; create temp table t2(x int)": "temp_table",
+    # Not valid SQL for the parser: the keyword scan decides, towards pinning.
+    "create temp tabel oops(x int)": "temp_table",
+}
+
+SHARES = [
+    "select temp from weather",
+    "update weather set temp = temp + 1",
+    "select 'listen to this', 'create temp table'",
+    "select $$ pg_advisory_lock( $$",
+    "-- create temp table\nselect 1",
+    "select pg_advisory_xact_lock(1)",
+    "declare c cursor for select 1",
+    "set local role alice",
+    "set role none",
+    "set session authorization default",
+    "select set_config('role', 'alice', true)",
+    "select set_config('search_path', 'a', false)",
+    "create unlogged table u(x int)",
+    "create table settings(holding int)",
+    "select * from temperatures",
+]
+
+
+@pytest.mark.parametrize("sql,reason", PINS.items())
+def test_pins(sql: str, reason: str) -> None:
+    assert pin_reason(sql.encode()) == reason
+
+
+@pytest.mark.parametrize("sql", SHARES)
+def test_does_not_pin(sql: str) -> None:
+    assert pin_reason(sql.encode()) is None
+
+
+def test_invalid_utf8_falls_back_to_the_scan() -> None:
+    assert pin_reason(b"create temp table \xff(x int)") == "temp_table"
+    assert pin_reason(b"select '\xff'") is None
+
+
+@pytest.mark.parametrize("sql", ["reset role", "set role none", "set session authorization default",
+                                 "select pg_advisory_unlock_all()", "discard temp", "unlisten *",
+                                 "close c", "drop table t"])
+def test_statements_that_may_unpin_are_rechecked(sql: str) -> None:
+    assert might_unpin(sql.encode())
