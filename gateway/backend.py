@@ -23,6 +23,8 @@ from pgwire.errors import ProtocolViolation, error_response
 from pgwire.framing import MessageFramer
 from pgwire.frontend import encode_close
 
+from .listen import after_transaction
+
 if TYPE_CHECKING:
     from .session import Session
 
@@ -139,6 +141,8 @@ class BackendLink(asyncio.Protocol):
         )
         # Which session's unnamed statement the backend holds (identity of its Parse).
         self.unnamed_of: object | None = None
+        # A session's LISTEN ran here: UNLISTEN * before the backend goes back.
+        self.listened = False
         self.manager = manager
         self.transport: asyncio.Transport | None = None
         self.framer = MessageFramer(frontend=False)
@@ -208,9 +212,9 @@ class BackendLink(asyncio.Protocol):
         self.queue.append(Expect(kind, swallow, on_done, None, rows))
 
     def send(self, kind: int, raw: bytes, heal: bytes | None = None,
-             names: tuple[bytes, bytes] | None = None) -> None:
+             names: tuple[bytes, bytes] | None = None, on_done=None) -> None:
         """Write a client's extended-protocol message, remembering it for a heal."""
-        e = Expect(kind)
+        e = Expect(kind, 0, on_done)
         e.raw = raw
         e.heal = heal
         e.names = names
@@ -270,7 +274,13 @@ class BackendLink(asyncio.Protocol):
         queue = self.queue
         head = queue[0] if queue else None
         if mtype in _ASYNC:
-            if mtype == 0x53:
+            if mtype == 0x41:
+                # The LISTEN hub delivers notifications; the backend's own copies go,
+                # unless the session's LISTEN state lives on this backend (pinned).
+                session = self.session
+                if session is None or "listen" not in session.pins:
+                    return
+            elif mtype == 0x53:
                 name, _, rest = payload.partition(b"\x00")
                 self.reported[name.decode("utf-8", "replace")] = rest[:-1].decode(
                     "utf-8", "replace"
@@ -288,6 +298,9 @@ class BackendLink(asyncio.Protocol):
             return
         kind = head.kind
         if mtype == E:
+            session = self.session
+            if session is not None and session.listen is not None:
+                session.listen.failed = True
             if head.names is not None and head.names[0] in raw:
                 # "prepared statement pgf_... does not exist": say the client's name.
                 raw = _rename_in_error(raw, *head.names)
@@ -321,6 +334,11 @@ class BackendLink(asyncio.Protocol):
             self.status = chr(payload[0])
             self.copy_in = False
             done = kind in (K_SYNC, K_QUERY)
+        elif mtype == 0x43 and self.session is not None and self.session.listen is not None:
+            self.session.listen.command_tag(payload)
+            if kind == K_EXEC or kind == K_QUERY:
+                self.copy_in = False
+                done = kind == K_EXEC
         elif kind == K_EXEC or kind == K_QUERY:
             if mtype in _EXEC_END:
                 self.copy_in = False
@@ -344,6 +362,11 @@ class BackendLink(asyncio.Protocol):
                 out.append(e.synth)
                 if e.on_done is not None:
                     e.on_done(True)
+        if mtype == Z:
+            session = self.session
+            if session is not None and session.listen is not None:
+                # After the statement's own on_done booked its LISTENs.
+                after_transaction(session, self, self.status, out)
 
     # -- cancel -----------------------------------------------------------------------------
     def _heal(self, head: Expect, payload: bytes) -> bool:

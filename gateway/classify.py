@@ -36,6 +36,11 @@ _LEADING = re.compile(
 _ANYWHERE = re.compile(
     rb"\btemp(?:orary)?\b|\bpg_temp\b|\bpg_(?:try_)?advisory_lock(?:_shared)?\s*\(",
 )
+_BODY_LEADING = re.compile(
+    rb"\b(set\s+(?:session\s+)?(?:role|session\s+authorization)|prepare(?!\s+transaction\b)"
+    rb"|listen|load|declare\b[^;]*\bwith\s+hold)\b",
+    re.S,
+)
 _REASONS = {
     b"set": "set_role",
     b"prepare": "sql_prepare",
@@ -69,7 +74,8 @@ _ADVISORY_SESSION = frozenset(
 )
 _ROLE_SETTINGS = frozenset(("role", "session_authorization"))
 _CURSOR_OPT_HOLD = 0x0020  # DeclareCursorStmt.options bit, from Postgres's parsenodes.h
-_LEADING_REASON = {"ListenStmt": "listen", "LoadStmt": "load", "PrepareStmt": "sql_prepare"}
+# LISTEN is not here: the LISTEN hub serves it without pinning (see gateway.listen).
+_LEADING_REASON = {"LoadStmt": "load", "PrepareStmt": "sql_prepare"}
 
 
 def _const_text(node: object) -> str | None:
@@ -113,7 +119,12 @@ def _node_reason(kind: str, node: dict) -> str | None:
         for arg in node.get("args") or ():
             body = arg.get("DefElem", {}).get("arg", {}).get("String", {}).get("sval")
             if body is not None:
-                reason = _scan_pin_reason(body.lower().encode())
+                low = body.lower().encode()
+                reason = _scan_pin_reason(low)
+                if reason is None:
+                    # PL/pgSQL puts statements after BEGIN, THEN, LOOP...: look anywhere.
+                    m = _BODY_LEADING.search(_blank(low))
+                    reason = None if m is None else _REASONS[m.group(1).split(None, 1)[0]]
                 if reason is not None:
                     return reason
     else:
@@ -166,11 +177,45 @@ def pin_reason(sql: bytes) -> str | None:
     low = sql.lower()
     if not any(word in low for word in _PIN_PREFILTER):
         return None
-    try:
-        tree = orjson.loads(parse_sql_json(sql.decode("utf-8")))
-    except (ParseError, UnicodeDecodeError, orjson.JSONDecodeError):
+    tree = _parse_tree(sql)
+    if tree is None:
         return _scan_pin_reason(low)
     return _tree_pin_reason(tree)
+
+
+@lru_cache(maxsize=1024)
+def _parse_tree(sql: bytes) -> dict | None:
+    """Postgres's parse tree of ``sql`` (as pglast's JSON), None if it does not parse."""
+    try:
+        return orjson.loads(parse_sql_json(sql.decode("utf-8")))
+    except (ParseError, UnicodeDecodeError, orjson.JSONDecodeError):
+        return None
+
+
+ListenOps = tuple[tuple[str, "str | None"], ...]
+
+
+@lru_cache(maxsize=4096)
+def listen_ops(sql: bytes) -> ListenOps:
+    """The LISTEN / UNLISTEN [*] / DISCARD ALL statements of ``sql``, in order, as
+    ("listen", channel) and ("unlisten", channel or None for all). Empty for text the
+    parser rejects: that pins for "listen" instead (see pin_reason)."""
+    low = sql.lower()
+    if b"listen" not in low and b"discard" not in low:
+        return ()
+    tree = _parse_tree(sql)
+    if tree is None:
+        return ()
+    ops: list[tuple[str, str | None]] = []
+    for raw in tree.get("stmts", ()):
+        stmt = raw.get("stmt", {})
+        if "ListenStmt" in stmt:
+            ops.append(("listen", stmt["ListenStmt"].get("conditionname", "")))
+        elif "UnlistenStmt" in stmt:
+            ops.append(("unlisten", stmt["UnlistenStmt"].get("conditionname")))
+        elif stmt.get("DiscardStmt", {}).get("target") == "DISCARD_ALL":
+            ops.append(("unlisten", None))
+    return tuple(ops)
 
 
 _SETTINGS = re.compile(rb"(?:^|;)\s*(?:\(\s*)*(?:set|reset|discard\s+all)\b|\bset_config\s*\(")

@@ -27,10 +27,12 @@ from .classify import (
     changes_settings,
     custom_setting_names,
     drops_statements,
+    listen_ops,
     might_unpin,
     pin_reason,
     reset_targets,
 )
+from .listen import ListenState, channel_key
 from .login import Login
 
 if TYPE_CHECKING:
@@ -43,6 +45,7 @@ Q, P, B, D, E, C, S, H, X, F = (ord(c) for c in "QPBDECSHXF")
 COPY_MSGS = frozenset(b"dcf")
 EXTENDED = frozenset(b"PBDECH")
 RFQ_IDLE = b"Z\x00\x00\x00\x05I"
+UNLISTEN_ALL = fe.encode_query("UNLISTEN *")
 # Session-level settings as Postgres sees them; SET ROLE / SESSION AUTHORIZATION pin instead.
 # What still ties a session to its backend, in the order of PIN_REASONS.
 PIN_REASONS = ("temp_table", "advisory_lock", "with_hold_cursor", "sql_prepare", "listen",
@@ -144,6 +147,13 @@ class Session(asyncio.Protocol):
         self.client_pid = 0
         self.client_secret = 0
         self.paused_backend = False
+        # LISTEN: the session's channels (None until it first LISTENs), the LISTEN ops
+        # of its statements, and client messages held until the hub listens.
+        self.listen: ListenState | None = None
+        self.stmt_listen: dict[bytes, tuple[tuple[str, bytes | None], ...]] = {}
+        self.unnamed_listen: tuple[tuple[str, bytes | None], ...] = ()
+        self.portal_listen: tuple[tuple[str, bytes | None], ...] = ()
+        self.held: deque[tuple[int, bytes, bytes]] | None = None
 
     # -- asyncio protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -158,11 +168,15 @@ class Session(asyncio.Protocol):
             self.login.abort()
             self.login = None
         self._stop_waiting()
+        if self.listen is not None and self.listen.wanted:
+            self.worker.listeners.drop(self, set(self.listen.wanted))
         link = self.link
         if link is not None:
             self.link = None
             # Settings changed but not yet re-read, or pinned state: reset before reuse.
-            self.worker.leases.abandon(link, dirty=bool(self.pins) or self.settings_dirty)
+            self.worker.leases.abandon(
+                link, dirty=bool(self.pins) or self.settings_dirty or link.listened
+            )
         if self.slot >= 0:
             self.worker.release_slot(self.slot)
             self.slot = -1
@@ -264,6 +278,14 @@ class Session(asyncio.Protocol):
         if mtype == X:
             self.close()
             return
+        if self.held is not None:
+            self.held.append((mtype, payload, raw))
+            return
+        if (mtype == Q or mtype == B) and self._listen_gate(mtype, payload, raw):
+            return
+        self._on_message_ungated(mtype, payload, raw)
+
+    def _on_message_ungated(self, mtype: int, payload: bytes, raw: bytes) -> None:
         if self.link is None:
             if self.skip_until_sync and mtype != S and not self.pending:
                 return
@@ -281,6 +303,92 @@ class Session(asyncio.Protocol):
                 self._request_backend()
             return
         self._forward(self.link, mtype, payload, raw)
+
+    # -- LISTEN ------------------------------------------------------------------------------
+    def _listen_gate(self, mtype: int, payload: bytes, raw: bytes) -> bool:
+        """A statement about to LISTEN: count the session in at the hub first, and hold
+        it (and what follows) until the hub listens, so nothing is missed."""
+        if mtype == Q:
+            ops = self._listen_ops(payload[:-1])
+        else:
+            pe = _cstr_end(payload, 0)
+            name = payload[pe + 1 : _cstr_end(payload, pe + 1)]
+            ops = self.stmt_listen.get(name, ()) if name else self.unnamed_listen
+        channels = [ch for op, ch in ops if op == "listen"]
+        if not channels:
+            return False
+        if self.listen is None:
+            self.listen = ListenState()
+        self.listen.sent(channels)
+        if self.worker.listeners.want(self, channels, self._hub_answered):
+            return False
+        self.held = deque([(mtype, payload, raw)])
+        return True
+
+    def _hub_answered(self, error: dict | None) -> None:
+        if error is not None:
+            # The hub could not listen: the backend's own LISTEN stays, the session pins.
+            self.pins.add("listen")
+            self.pin_epoch += 1
+        held, self.held = self.held, None
+        if self.phase != READY or held is None:
+            return
+        try:
+            # The first one passed its gate already; the rest may have gates of their own.
+            self._on_message_ungated(*held.popleft())
+            while held and self.held is None and self.phase == READY:
+                self._dispatch(*held.popleft())
+            if held:  # another LISTEN is waiting for the hub: the rest waits behind it
+                self.held.extend(held)
+        except ProtocolViolation as exc:
+            self.fatal(exc.sqlstate, exc.message)
+            return
+        link = self.link
+        if link is not None:
+            link.flush()
+            self._maybe_release(link)
+
+    def _dispatch(self, mtype: int, payload: bytes, raw: bytes) -> None:
+        """A held message, past its gate."""
+        if mtype == X:
+            self.close()
+        elif mtype == Q or mtype == B:
+            if not self._listen_gate(mtype, payload, raw):
+                self._on_message_ungated(mtype, payload, raw)
+        else:
+            self._on_message_ungated(mtype, payload, raw)
+
+    @staticmethod
+    def _listen_ops(sql: bytes) -> tuple[tuple[str, bytes | None], ...]:
+        return tuple((op, None if ch is None else channel_key(ch)) for op, ch in listen_ops(sql))
+
+    def _listen_sent(self, link: BackendLink, ops: tuple[tuple[str, bytes | None], ...]):
+        """The backend runs a statement with LISTEN ops: returns the on_done that books
+        them once it worked (they take effect when its transaction commits)."""
+        if self.listen is None:
+            self.listen = ListenState()
+        if any(op == "listen" for op, _ in ops):
+            link.listened = True  # UNLISTEN * before the backend goes back
+        state = self.listen
+
+        def done(ok: bool) -> None:
+            state.statement_done(ops, ok)
+
+        return done
+
+    def notified(self, channel: bytes, raw: bytes) -> None:
+        """A notification on a channel this session listens on (or is about to)."""
+        state = self.listen
+        if state is None or self.phase != READY:
+            return
+        link = self.link
+        idle = not self.pending and self.held is None and (
+            link is None or (not link.queue and link.status == "I")
+        )
+        if idle and channel in state.channels:
+            self.write_client(raw)
+        else:
+            state.queue.append((channel, raw))
 
     def _parse_known(self, payload: bytes) -> bool:
         """Answer a named Parse without a backend when this worker has already parsed the
@@ -303,6 +411,11 @@ class Session(asyncio.Protocol):
         self.stmts[name] = (bname, _msg(P, bname + b"\x00" + body))
         self.stmt_pins.pop(name, None)
         self.sql_deps.pop(name, None)
+        ops = self._listen_ops(query)
+        if ops:
+            self.stmt_listen[name] = ops
+        else:
+            self.stmt_listen.pop(name, None)
         if changes_settings(query):
             self.setting_stmts.add(name)
             self.custom_names |= custom_setting_names(query)
@@ -492,7 +605,15 @@ class Session(asyncio.Protocol):
             and not self.pending
             and not self.unsynced
             and not link.dead
+            and self.held is None
         ):
+            if link.listened and "listen" not in self.pins:
+                # The backend listens for this session; the hub does that for everyone.
+                link.listened = False
+                link.expect(K_QUERY, swallow=1)
+                link.write(UNLISTEN_ALL)
+                link.flush()
+                return
             if self.pins:
                 if self.pin_check and "load" not in self.pins:
                     self._recheck_pins(link)
@@ -621,7 +742,8 @@ class Session(asyncio.Protocol):
             query_entry = None
             if cmd is None:
                 self._note_pins(sql)
-                link.expect(K_QUERY)
+                ops = self._listen_ops(sql)
+                link.expect(K_QUERY, on_done=self._listen_sent(link, ops) if ops else None)
                 query_entry = link.queue[-1]
                 link.write(raw)
             else:
@@ -632,7 +754,11 @@ class Session(asyncio.Protocol):
                 self._after_resets(link, reset_targets(sql))
             if drops_statements(sql) and query_entry is not None:
                 # Only once it worked: a DEALLOCATE ALL in an aborted transaction fails.
+                listen_done = query_entry.on_done
+
                 def dropped(ok: bool, link: BackendLink = link) -> None:
+                    if listen_done is not None:
+                        listen_done(ok)
                     if ok:
                         self._dropped_all(link)
 
@@ -655,6 +781,7 @@ class Session(asyncio.Protocol):
                 self.pins.add(pin)
                 self.pin_epoch += 1
                 self.pin_check = True
+            self.portal_listen = self.stmt_listen.get(name, ()) if name else self.unnamed_listen
             dep = self.sql_deps.get(name) if name else self.unnamed_dep
             if dep is not None and dep in self.sql_stmts:
                 self._ensure_sql_prepared_extended(link, dep)
@@ -688,7 +815,8 @@ class Session(asyncio.Protocol):
             else:
                 raise ProtocolViolation(f"invalid DESCRIBE message subtype {payload[:1]!r}")
         elif mtype == E:
-            link.send(K_EXEC, raw)
+            ops = self.portal_listen
+            link.send(K_EXEC, raw, on_done=self._listen_sent(link, ops) if ops else None)
         elif mtype == S:
             self.skip_until_sync = self.unsynced = False
             link.send(K_SYNC, raw)
@@ -705,6 +833,7 @@ class Session(asyncio.Protocol):
             if kind == b"S" and name:
                 # Other sessions may share the backend statement: only our name goes.
                 self.stmts.pop(name, None)
+                self.stmt_listen.pop(name, None)
                 link.push_synth(be.CLOSE_COMPLETE)
                 return
             if kind == b"S":
@@ -727,6 +856,14 @@ class Session(asyncio.Protocol):
         qe = _cstr_end(body, 0)
         query = body[:qe]
         self._note_pins(query)
+        ops = self._listen_ops(query)
+        if name:
+            if ops:
+                self.stmt_listen[name] = ops
+            else:
+                self.stmt_listen.pop(name, None)
+        else:
+            self.unnamed_listen = ops
         pin = pin_reason(query)
         if name:
             if pin is None:

@@ -23,6 +23,7 @@ from supervisor.config import Config
 
 from .backend import K_QUERY, BackendLink
 from .leases import LeaseManager
+from .listen import Listeners
 from .session import Session
 
 log = logging.getLogger("pgfleet.gateway")
@@ -74,6 +75,10 @@ class PoolerClient:
             key = (str(msg["db"]), str(msg["user"]))
             self.worker.forget_status(key)
             leases.retire(key)
+        elif op == "notify":
+            self.worker.listeners.on_notify(msg)
+        elif op == "listening":
+            self.worker.listeners.on_listening(msg)
         elif op == "reclaim":
             key = msg.get("key")
             pool = (str(key[0]), str(key[1])) if key else None
@@ -112,6 +117,7 @@ class Worker:
         self.slots = self.cancel_table.partition(index, cfg.workers)
         self.cancel_table.reset_range(self.slots)
         self.free_slots = list(reversed(self.slots))
+        self.listeners = Listeners(self)
         self.leases: LeaseManager  # set in run()
         self.pooler: PoolerClient
 
@@ -133,6 +139,14 @@ class Worker:
         target = self.cancel_table.lookup(client_pid, secret)
         if target is not None:
             self.send_cancel(*target)
+
+    def client_pid_of_backend(self, backend_pid: int) -> int:
+        """The pid our client knows for the session a backend serves here, so that a
+        notification from a session's own NOTIFY carries that session's pid."""
+        for link in self.leases.held:
+            if link.pid == backend_pid and link.session is not None:
+                return link.session.client_pid or backend_pid
+        return backend_pid
 
     def send_cancel(self, backend_pid: int, backend_secret: int) -> asyncio.Task:
         """Ask Postgres to cancel; the task ends once Postgres has signalled the backend."""

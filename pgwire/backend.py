@@ -75,6 +75,7 @@ __all__ = [
     "encode_error",
     "encode_notice",
     "encode_notification",
+    "encode_notification_bytes",
     "encode_negotiate_protocol_version",
     "encode_copy_in_response",
     "encode_copy_out_response",
@@ -712,6 +713,13 @@ def encode_notice(fields: Mapping[str, str]) -> bytes:
 
 def encode_notification(pid: int, channel: str, payload: str = "") -> bytes:
     return _msg(0x41, I32.pack(pid) + cstr_bytes(channel, "channel") + cstr_bytes(payload))
+
+
+def encode_notification_bytes(pid: int, channel: bytes, payload: bytes) -> bytes:
+    """A NotificationResponse from the bytes Postgres sent (any server encoding)."""
+    if b"\0" in channel or b"\0" in payload:
+        raise ValueError("channel and payload must not contain NUL")
+    return _msg(0x41, I32.pack(pid) + channel + b"\0" + payload + b"\0")
 
 
 def encode_negotiate_protocol_version(newest_minor: int, unrecognized: Sequence[str]) -> bytes:

@@ -14,6 +14,8 @@ from ipc.statement_catalog import StatementCatalog
 from supervisor.config import Config
 
 from .auth_cache import AuthCache
+from .connect import BackendError
+from .listen_hub import ListenHub
 from .pool import LeaseRequest, PooledBackend, PoolManager
 
 log = logging.getLogger("pgfleet.pooler")
@@ -43,6 +45,7 @@ class WorkerLink:
         for req in self.pending.values():
             pool.cancel(req)
         self.pending.clear()
+        self.pooler.hub.holder_gone(self)
         pool.owner_gone(self)
         self.pooler.links.discard(self)
 
@@ -119,6 +122,22 @@ class WorkerLink:
     def op_invalidate(self, msg: dict) -> None:
         self.pooler.auth.invalidate(str(msg["user"]))
 
+    def op_listen(self, msg: dict) -> None:
+        """The worker's sessions want (db, channel): answer once the hub listens on it."""
+        self.pooler.loop.create_task(self._listen(str(msg["db"]), str(msg["channel"])))
+
+    async def _listen(self, database: str, channel: str) -> None:
+        reply: dict = {"op": "listening", "db": database, "channel": channel}
+        try:
+            await self.pooler.hub.listen(database, channel.encode("latin-1"), self)
+        except BackendError as exc:
+            reply["error"] = exc.fields
+        if not self.channel.closed:
+            self.channel.send(reply)
+
+    def op_unlisten(self, msg: dict) -> None:
+        self.pooler.hub.unlisten(str(msg["db"]), str(msg["channel"]).encode("latin-1"), self)
+
     def op_stats(self, msg: dict) -> None:
         self.channel.send({"op": "stats", "req": msg.get("req"), **self.pooler.pool.stats()})
 
@@ -136,6 +155,7 @@ class Pooler:
             catalog=StatementCatalog.attach(cfg.statement_catalog_name),
         )
         self.auth = AuthCache(self.pool, on_defaults_changed=self.defaults_changed)
+        self.hub = ListenHub(self.loop, str(cfg.pg_socket_path), self.notify)
         self.links: set[WorkerLink] = set()
         # Startup status reports per (database, user, settings), shared by all workers
         # so that only the first login with new settings needs a backend.
@@ -157,6 +177,14 @@ class Pooler:
             if key is not None:
                 msg["key"] = list(key)
             owner.channel.send(msg)
+
+    @staticmethod
+    def notify(link: WorkerLink, database: str, channel: bytes, payload: bytes, pid: int) -> None:
+        """Hand a notification to a worker that listens on its channel (bytes as latin-1
+        text: the IPC codec carries text, and this round-trips every byte)."""
+        if not link.channel.closed:
+            link.channel.send({"op": "notify", "db": database, "channel": channel.decode("latin-1"),
+                               "payload": payload.decode("latin-1"), "pid": pid})
 
     def defaults_changed(self, database: str, user: str) -> None:
         """New sessions of (database, user) must start from the new defaults: retire
@@ -189,6 +217,7 @@ class Pooler:
         self.server.close()
         for link in list(self.links):
             link.channel.close()
+        self.hub.close()
         self.pool.close_all()
 
 

@@ -24,7 +24,8 @@ PINS = {
     "SET SESSION AUTHORIZATION alice": "set_role",
     "select set_config('role', 'alice', false)": "set_role",
     "select set_config($1, $2, false)": "set_role",  # cannot know which setting: pin
-    'listen "Quoted Channel"': "listen",
+    "do $$begin listen x; end$$": "listen",  # the hub cannot see it: the backend keeps it
+    "do $$begin if true then set role alice; end if; end$$": "set_role",
     "load 'auto_explain'": "load",
     "prepare p as select 1": "sql_prepare",
     # A PREPAREd statement that takes a lock pins for the lock, not only for PREPARE.
@@ -35,6 +36,8 @@ PINS = {
 }
 
 SHARES = [
+    'listen "Quoted Channel"',  # served by the LISTEN hub
+    "unlisten *",
     "select temp from weather",
     "update weather set temp = temp + 1",
     "select 'listen to this', 'create temp table'",

@@ -1,0 +1,206 @@
+"""LISTEN without pinning: the worker's side of the pooler's LISTEN hub.
+
+A session's LISTEN still runs on its backend (so errors, command tags and
+transaction rules are Postgres's own), but before it runs the worker makes sure
+the hub listens on the channel, and before the backend goes back to the pool it is
+told UNLISTEN *. Notifications come from the hub; copies the backend itself
+receives are dropped.
+
+The session's book follows Postgres's rule that LISTEN and UNLISTEN take effect at
+commit: changes made in a transaction are applied when it commits and dropped when
+it rolls back (a rollback to a savepoint does not undo them: the book sees only
+whole transactions). Notifications are delivered when the session is idle, between
+transactions, as Postgres delivers them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from pgwire.backend import encode_notification_bytes
+
+if TYPE_CHECKING:
+    from .backend import BackendLink
+    from .session import Session
+    from .worker import Worker
+
+NAMEDATALEN = 64
+
+
+def channel_key(name: str) -> bytes:
+    """A channel name as Postgres keeps it: truncated to NAMEDATALEN - 1 bytes on a
+    character boundary, as it truncates every identifier."""
+    data = name.encode("utf-8")
+    if len(data) < NAMEDATALEN:
+        return data
+    return data[: NAMEDATALEN - 1].decode("utf-8", "ignore").encode("utf-8")
+
+
+class ListenState:
+    """One session's channels, the changes of its open transaction, and the
+    notifications waiting for it to be idle."""
+
+    __slots__ = ("channels", "txn_ops", "wanted", "inflight", "queue", "rolled_back", "failed",
+                 "explicit")
+
+    def __init__(self) -> None:
+        self.channels: set[bytes] = set()  # committed
+        self.txn_ops: list[tuple[str, bytes | None]] = []  # ("listen"|"unlisten", channel or *)
+        self.wanted: set[bytes] = set()  # channels the worker counts this session in for
+        # Channels of LISTENs sent to the backend and not answered yet.
+        self.inflight: dict[bytes, int] = {}
+        self.queue: list[tuple[bytes, bytes]] = []  # (channel, NotificationResponse)
+        # How the open transaction is going, from the replies the session sees.
+        self.rolled_back = False  # the last COMMIT/ROLLBACK tag was ROLLBACK
+        self.failed = False  # an error since the last ReadyForQuery
+        self.explicit = False  # a transaction block was open at some ReadyForQuery
+
+    def sent(self, channels: list[bytes]) -> None:
+        for ch in channels:
+            self.inflight[ch] = self.inflight.get(ch, 0) + 1
+
+    def statement_done(self, ops: tuple[tuple[str, bytes | None], ...], ok: bool) -> None:
+        for op, ch in ops:
+            if op == "listen":
+                n = self.inflight.get(ch, 0) - 1
+                if n > 0:
+                    self.inflight[ch] = n
+                else:
+                    self.inflight.pop(ch, None)
+        if ok:
+            self.txn_ops.extend(ops)
+
+    def command_tag(self, payload: bytes) -> None:
+        if payload.startswith(b"ROLLBACK"):
+            self.rolled_back = True
+        elif payload.startswith(b"COMMIT"):
+            self.rolled_back = False
+
+    def ready(self, status: str) -> bool:
+        """At ReadyForQuery: True once a transaction has ended (committed or not)."""
+        if status != "I":
+            self.explicit = True
+            return False
+        committed = not self.rolled_back and not (self.failed and not self.explicit)
+        if committed:
+            for op, channel in self.txn_ops:
+                if op == "listen":
+                    self.channels.add(channel)
+                elif channel is None:
+                    self.channels.clear()
+                else:
+                    self.channels.discard(channel)
+        self.txn_ops.clear()
+        self.rolled_back = self.failed = self.explicit = False
+        return True
+
+    def take_deliverable(self) -> list[bytes]:
+        """Queued notifications for channels the session (now) listens on."""
+        out = [raw for channel, raw in self.queue if channel in self.channels]
+        self.queue.clear()
+        return out
+
+
+class Listeners:
+    """The worker's sessions by (database, channel), and its registrations at the hub."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.sessions: dict[tuple[str, bytes], set[Session]] = {}
+        self.registered: set[tuple[str, bytes]] = set()
+        self._waiting: dict[tuple[str, bytes], list[Callable[[dict | None], None]]] = {}
+
+    def want(self, session: Session, channels: list[bytes],
+             then: Callable[[dict | None], None]) -> bool:
+        """Count ``session`` in for ``channels``. True if the hub already listens on all
+        of them; otherwise ``then(error or None)`` is called once it does (or failed)."""
+        state = session.listen
+        db = session.database
+        missing: set[tuple[str, bytes]] = set()
+        for ch in channels:
+            key = (db, ch)
+            self.sessions.setdefault(key, set()).add(session)
+            state.wanted.add(ch)
+            if key not in self.registered:
+                missing.add(key)
+        if not missing:
+            return True
+        errors: list[dict] = []
+
+        def one(key: tuple[str, bytes], error: dict | None) -> None:
+            missing.discard(key)
+            if error is not None:
+                errors.append(error)
+            if not missing:
+                then(errors[0] if errors else None)
+
+        for key in list(missing):
+            callbacks = self._waiting.get(key)
+            if callbacks is None:
+                self._waiting[key] = [lambda e, key=key: one(key, e)]
+                self.worker.pooler.send(
+                    {"op": "listen", "db": key[0], "channel": key[1].decode("latin-1")}
+                )
+            else:
+                callbacks.append(lambda e, key=key: one(key, e))
+        return False
+
+    def on_listening(self, msg: dict) -> None:
+        key = (str(msg["db"]), str(msg["channel"]).encode("latin-1"))
+        error = msg.get("error")
+        if error is None:
+            self.registered.add(key)
+            if not self.sessions.get(key):
+                self._unregister(key)  # everyone left while it was on its way
+        for callback in self._waiting.pop(key, ()):
+            callback(error)
+
+    def drop(self, session: Session, channels: set[bytes]) -> None:
+        """``session`` no longer listens on ``channels``."""
+        db = session.database
+        for ch in channels:
+            key = (db, ch)
+            members = self.sessions.get(key)
+            if members is None:
+                continue
+            members.discard(session)
+            if not members:
+                del self.sessions[key]
+                if key in self.registered:
+                    self._unregister(key)
+        session.listen.wanted -= channels
+
+    def _unregister(self, key: tuple[str, bytes]) -> None:
+        self.registered.discard(key)
+        self.worker.pooler.send({"op": "unlisten", "db": key[0], "channel": key[1].decode("latin-1")})
+
+    def on_notify(self, msg: dict) -> None:
+        key = (str(msg["db"]), str(msg["channel"]).encode("latin-1"))
+        members = self.sessions.get(key)
+        if not members:
+            return
+        pid = self.worker.client_pid_of_backend(int(msg["pid"]))
+        raw = encode_notification_bytes(pid, key[1], str(msg["payload"]).encode("latin-1"))
+        for session in list(members):
+            session.notified(key[1], raw)
+
+
+def after_transaction(session: Session, link: BackendLink | None, status: str,
+                      out: list[bytes] | None) -> None:
+    """ReadyForQuery reached ``session`` (through ``link``): settle its book when a
+    transaction ended, and hand over the notifications it may now see (to ``out``,
+    the replies being forwarded, so that they follow the ReadyForQuery)."""
+    state = session.listen
+    if not state.ready(status):
+        return
+    stale = state.wanted - state.channels - state.inflight.keys()
+    if stale:
+        session.worker.listeners.drop(session, stale)
+    if state.queue:
+        ready = state.take_deliverable()
+        if ready:
+            if out is not None:
+                out.extend(ready)
+            else:
+                session.write_client(b"".join(ready))
