@@ -10,15 +10,26 @@ also validates those settings exactly as Postgres would.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import os
 from typing import TYPE_CHECKING
 
 from pgwire import backend as be
 from pgwire import frontend as fe
 from pgwire import sqlstate
-from pgwire.auth import AuthFailed, ScramServer, md5_verify, parse_scram_verifier
+from pgwire.auth import (
+    SCRAM_SHA_256,
+    SCRAM_SHA_256_PLUS,
+    AuthFailed,
+    ScramServer,
+    md5_stored,
+    md5_verify,
+    parse_scram_verifier,
+    scram_client_verifier,
+)
 from pgwire.errors import ProtocolViolation
 
+from . import tls
 from .startup_params import StartupParamError, session_settings
 
 if TYPE_CHECKING:
@@ -134,6 +145,13 @@ class Login:
         s.settings = s.startup_settings = settings
         s.custom_names = {low for low in settings if "." in low}
 
+        if self.worker.cfg.auth == "password" and not s.tls_in_use:
+            # Cleartext passwords only travel encrypted: as a pg_hba.conf with hostssl only.
+            raise LoginFailed(
+                sqlstate.INVALID_AUTHORIZATION_SPECIFICATION,
+                f'no pg_hba.conf entry for host "{self._client_host()}", user "{user}", '
+                f'database "{database}", no encryption',
+            )
         cache_key = self.worker.status_key(s.key, settings)
         # Role/database defaults may change while we wait; then what we learn is stale.
         gen = self.worker.defaults_gen
@@ -189,7 +207,9 @@ class Login:
             return
         stored = info["password"] if info["role_exists"] and not info["expired"] else None
         ok = False
-        if method == "md5" and (stored is None or stored.startswith("md5")):
+        if method == "password":
+            ok = await self._cleartext(user, stored)
+        elif method == "md5" and (stored is None or stored.startswith("md5")):
             ok = await self._md5(user, stored)
         else:
             # Postgres uses SCRAM under "md5" too when the role has a SCRAM verifier.
@@ -198,6 +218,30 @@ class Login:
             raise LoginFailed(
                 sqlstate.INVALID_PASSWORD, f'password authentication failed for user "{user}"'
             )
+
+    def _client_host(self) -> str:
+        peer = self.session.transport.get_extra_info("peername") if self.session.transport else None
+        return str(peer[0]) if isinstance(peer, tuple) and peer else "[local]"
+
+    async def _cleartext(self, user: str, stored: str | None) -> bool:
+        """AuthenticationCleartextPassword, checked against the role's SCRAM or md5 secret
+        as Postgres's plain_crypt_verify does (only ever offered over TLS)."""
+        self.session.write_client(be.encode_auth_cleartext())
+        payload = await self._password_message("password message")
+        password = fe.decode_password(payload)
+        if stored is None or not password:
+            return False
+        if stored.startswith("md5"):
+            return hmac.compare_digest(md5_stored(password, user).encode(), stored.encode())
+        verifier = parse_scram_verifier(stored)
+        if verifier is None:
+            return False
+        # PBKDF2 with the role's iteration count: off the event loop (it releases the GIL).
+        computed = await self.loop.run_in_executor(
+            None, scram_client_verifier, password, verifier.iterations, verifier.salt
+        )
+        mine = parse_scram_verifier(computed)
+        return mine is not None and hmac.compare_digest(mine.server_key, verifier.server_key)
 
     async def _md5(self, user: str, stored: str | None) -> bool:
         salt = os.urandom(4)
@@ -208,15 +252,22 @@ class Login:
 
     async def _scram(self, user: str, stored: str | None) -> bool:
         verifier = parse_scram_verifier(stored) if stored else None
-        server = ScramServer(verifier, user)
-        self.session.write_client(be.encode_auth_sasl(["SCRAM-SHA-256"]))
+        s = self.session
+        # Over TLS, SCRAM-SHA-256-PLUS too (tls-server-end-point), first as Postgres lists it.
+        binding = tls.channel_binding_data(s.transport) if s.tls_in_use else None
+        mechanisms = [SCRAM_SHA_256_PLUS, SCRAM_SHA_256] if binding else [SCRAM_SHA_256]
+        s.write_client(be.encode_auth_sasl(mechanisms))
         payload = await self._password_message("SASL response")
         mech, data = fe.decode_sasl_initial(payload)
-        if mech != "SCRAM-SHA-256":
+        if mech not in mechanisms:
             raise LoginFailed(
                 sqlstate.PROTOCOL_VIOLATION,
                 "client selected an invalid SASL authentication mechanism",
             )
+        server = ScramServer(
+            verifier, user, binding=binding if mech == SCRAM_SHA_256_PLUS else None,
+            binding_offered=binding is not None,
+        )
         try:
             first = server.first(data)
         except AuthFailed:

@@ -21,7 +21,7 @@ from pgwire.errors import ProtocolViolation, error_response
 from pgwire.framing import MessageFramer, StartupFramer
 from pgwire.quoting import quote_literal
 
-from . import sql_prepare
+from . import sql_prepare, tls
 from .backend import K_BIND, K_CLOSE, K_DESC_P, K_DESC_S, K_EXEC, K_PARSE, K_QUERY, K_SYNC
 from .classify import (
     changes_settings,
@@ -236,9 +236,19 @@ class Session(asyncio.Protocol):
             self.connection_lost(None)
 
     # -- startup ----------------------------------------------------------------------------
+    # Encryption negotiation, as Postgres: one SSLRequest, one GSSENCRequest (refused),
+    # in either order, none after TLS started.
+    ssl_done = False
+    gss_done = False
+    tls_in_use = False
+    handshaking = False
+    tls_task: asyncio.Task | None = None
+
     def _startup_data(self, data: bytes) -> None:
         sf = self.startup_framer
         sf.feed(data)
+        if self.handshaking:
+            return  # bytes behind the handshake: read once it is done
         while self.phase == STARTUP:
             pkt = sf.next_packet()
             if pkt is None:
@@ -248,7 +258,7 @@ class Session(asyncio.Protocol):
                 if sf.buffered():
                     # Bytes sent before our answer would bypass the negotiation (CVE-2021-23214).
                     raise ProtocolViolation("received unencrypted data after SSL request")
-                self.write_client(b"N")
+                self._encryption_request(isinstance(msg, fe.SSLRequest))
                 continue
             if isinstance(msg, fe.CancelRequest):
                 self.worker.cancel_client(msg.pid, msg.secret)
@@ -259,6 +269,42 @@ class Session(asyncio.Protocol):
             self.phase = AUTH
             self.framer.feed(rest)
             self.login.start(msg)
+
+    def _encryption_request(self, ssl_request: bool) -> None:
+        """Answer SSLRequest 'S' (TLS configured) or 'N', GSSENCRequest always 'N'."""
+        if self.ssl_done if ssl_request else self.gss_done:
+            code = fe.SSL_REQUEST_CODE if ssl_request else fe.GSSENC_REQUEST_CODE
+            raise ProtocolViolation(
+                f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: "
+                "server supports 3.0 to 3.0",
+                sqlstate.FEATURE_NOT_SUPPORTED,
+            )
+        ctx = tls.server_context(self.worker.cfg) if ssl_request else None
+        if ctx is None:
+            if ssl_request:
+                self.ssl_done = True
+            else:
+                self.gss_done = True
+            self.write_client(b"N")
+            return
+        self.ssl_done = self.gss_done = True
+        raw = self.transport
+        self.write_client(b"S")
+        raw.pause_reading()
+        self.handshaking = True
+        self.transport = tls.Handshaking(raw)
+        self.tls_task = self.worker.loop.create_task(tls.upgrade(self, raw, ctx))
+
+    def tls_started(self, transport: asyncio.Transport) -> None:
+        """The handshake is done: the session goes on over ``transport``."""
+        self.tls_task = None
+        if self.phase == CLOSED:
+            transport.close()  # ended (auth timeout, shutdown) while we shook hands
+            return
+        self.transport = transport
+        self.handshaking = False
+        self.tls_in_use = True
+        self.data_received(b"")
 
     def ready(self, status: dict[str, str]) -> None:
         """Login succeeded: report parameters, our cancel key, and ReadyForQuery."""
@@ -496,6 +542,30 @@ class Session(asyncio.Protocol):
             sqlstate.QUERY_CANCELED,
             f"canceling statement due to query_wait_timeout: no backend became free in {t:g} s",
         )
+
+    def cancel_waiting(self) -> None:
+        """A CancelRequest for a session still waiting for a backend: its first statement
+        fails with 57014 as if cancelled as it started (Postgres runs the rest)."""
+        if not self.waiting or not self.pending or self.login is not None:
+            return
+        err = error_response("ERROR", sqlstate.QUERY_CANCELED,
+                             "canceling statement due to user request")
+        pending = self.pending
+        if pending[0][0] in (Q, F):
+            pending.popleft()
+            out = [err, RFQ_IDLE]
+        else:  # extended protocol: the rest up to Sync is skipped, as after any error
+            out = [err]
+            while pending:
+                mtype = pending.popleft()[0]
+                if mtype == S:
+                    out.append(RFQ_IDLE)
+                    break
+            else:
+                self.skip_until_sync = True
+        if not pending:
+            self._stop_waiting()
+        self.write_client(b"".join(out))
 
     def _fail_pending(self, code: str, message: str) -> None:
         """Answer messages that never reached a backend as Postgres answers failed ones."""

@@ -75,6 +75,8 @@ class PoolerClient:
             key = (str(msg["db"]), str(msg["user"]))
             self.worker.forget_status(key)
             leases.retire(key)
+        elif op == "cancel_client":
+            self.worker.cancel_waiting(int(msg["pid"]), int(msg["secret"]))
         elif op == "notify":
             self.worker.listeners.on_notify(msg)
         elif op == "listening":
@@ -135,10 +137,26 @@ class Worker:
         self.free_slots.append(slot)
 
     def cancel_client(self, client_pid: int, secret: int) -> None:
-        """A CancelRequest arrived: cancel whatever backend serves that client right now."""
+        """A CancelRequest arrived: cancel whatever backend serves that client right now,
+        or, if it is waiting for a backend, its queued statement (in the worker that
+        owns it: through the pooler if that is another one)."""
         target = self.cancel_table.lookup(client_pid, secret)
         if target is not None:
             self.send_cancel(*target)
+            return
+        owner = self.cancel_table.owner_of(client_pid, self.cfg.workers)
+        if owner == self.index:
+            self.cancel_waiting(client_pid, secret)
+        elif owner is not None:
+            self.pooler.send({"op": "cancel_client", "worker": owner, "pid": client_pid,
+                              "secret": secret})
+
+    def cancel_waiting(self, client_pid: int, secret: int) -> None:
+        for session in self.sessions:
+            if session.client_pid == client_pid:
+                if session.client_secret == secret & 0xFFFFFFFF:
+                    session.cancel_waiting()
+                return
 
     def client_pid_of_backend(self, backend_pid: int) -> int:
         """The pid our client knows for the session a backend serves here, so that a

@@ -156,6 +156,16 @@ class CancelTable:
             self.slots * worker_index // workers, self.slots * (worker_index + 1) // workers
         )
 
+    def owner_of(self, client_pid: int, workers: int) -> int | None:
+        """Index of the worker whose partition holds ``client_pid``'s slot, or None."""
+        slot = client_pid - CLIENT_PID_BASE
+        if not 0 <= slot < self.slots or workers <= 0:
+            return None
+        for i in range(workers):
+            if slot in self.partition(i, workers):
+                return i
+        return None
+
     def client_pid(self, slot: int) -> int:
         self._check_slot(slot)
         return CLIENT_PID_BASE + slot

@@ -2,9 +2,9 @@
 
 The gateway moves the bytes (AuthenticationSASL / SASLInitialResponse / ...);
 this module only computes. SCRAM follows RFC 5802/7677 as Postgres implements it
-(auth-scram.c): no channel binding, no authzid, the username inside the SCRAM
-message is ignored, and an unknown role gets a mock exchange that fails only at
-the end so probing cannot tell which roles exist.
+(auth-scram.c): tls-server-end-point channel binding only (SCRAM-SHA-256-PLUS), no
+authzid, the username inside the SCRAM message is ignored, and an unknown role gets a
+mock exchange that fails only at the end so probing cannot tell which roles exist.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pgwire.errors import ProtocolViolation
 
 __all__ = [
     "SCRAM_SHA_256",
+    "SCRAM_SHA_256_PLUS",
     "DEFAULT_ITERATIONS",
     "AuthFailed",
     "ScramVerifier",
@@ -37,6 +38,7 @@ __all__ = [
 ]
 
 SCRAM_SHA_256 = "SCRAM-SHA-256"
+SCRAM_SHA_256_PLUS = "SCRAM-SHA-256-PLUS"
 DEFAULT_ITERATIONS = 4096  # Postgres's scram_iterations default
 _SALT_LEN = 16  # SCRAM_DEFAULT_SALT_LEN
 _NONCE_RAW_LEN = 18  # SCRAM_RAW_NONCE_LEN
@@ -200,7 +202,7 @@ def _check_extension(part: str) -> None:
 
 
 class ScramServer:
-    """One SCRAM-SHA-256 exchange, server side, no channel binding.
+    """One SCRAM-SHA-256(-PLUS) exchange, server side.
 
     ``first()`` answers the SASLInitialResponse data with server-first-message
     (send as AuthenticationSASLContinue); ``final()`` checks client-final-message
@@ -218,9 +220,17 @@ class ScramServer:
         mock_iterations: int = DEFAULT_ITERATIONS,
         *,
         server_nonce: str | None = None,
+        binding: bytes | None = None,
+        binding_offered: bool = False,
     ) -> None:
-        """``server_nonce`` fixes our half of the nonce; only for test vectors."""
+        """``server_nonce`` fixes our half of the nonce; only for test vectors.
+
+        Over TLS the server offers SCRAM-SHA-256-PLUS (``binding_offered``); when the
+        client chose it, ``binding`` is the connection's tls-server-end-point data.
+        """
         self.username = username
+        self._binding = binding
+        self._binding_offered = binding_offered or binding is not None
         self._server_nonce = server_nonce
         self._mock = verifier is None
         if verifier is None:
@@ -243,23 +253,39 @@ class ScramServer:
             raise ProtocolViolation("unexpected SCRAM client-first-message")
         self._state = "failed"  # until this message proves well-formed
         text = _decode(client_first)
-        flag = text[:1]
-        if flag == "p":
+        comma = text.find(",")
+        flag, rest = text[: max(comma, 0)], text[comma + 1 :]
+        if text[:1] == "p":
+            if self._binding is None:
+                raise _malformed(
+                    "the client selected SCRAM-SHA-256 without channel binding, "
+                    "but the SCRAM message includes channel binding data"
+                )
+            if comma < 0 or flag[:2] != "p=":
+                raise _malformed("unexpected channel-binding flag")
+            if flag[2:] != "tls-server-end-point":
+                raise ProtocolViolation(f'unsupported SCRAM channel-binding type "{flag[2:]}"')
+        elif self._binding is not None:
             raise _malformed(
-                "the client selected SCRAM-SHA-256 without channel binding, "
-                "but the SCRAM message includes channel binding data"
+                "the client selected SCRAM-SHA-256-PLUS, "
+                "but the SCRAM message does not include channel binding data"
             )
-        if flag not in ("n", "y") or text[1:2] != ",":
+        elif flag not in ("n", "y") or comma != 1:
             raise _malformed("unexpected channel-binding flag")
-        if text[2:4] == "a=":
+        elif flag == "y" and self._binding_offered:
+            raise ProtocolViolation(
+                "SCRAM channel binding negotiation error: the client supports SCRAM channel "
+                "binding but thinks the server does not; this server does support it"
+            )
+        if rest[:2] == "a=":
             raise ProtocolViolation(
                 "client uses authorization identity, but it is not supported",
                 sqlstate.FEATURE_NOT_SUPPORTED,
             )
-        if text[2:3] != ",":
+        if rest[:1] != ",":
             raise _malformed("unexpected attribute in client-first-message")
-        self._gs2_header = text[:3]
-        bare = text[3:]
+        self._gs2_header = text[: comma + 2]
+        bare = rest[1:]
         if bare.startswith("m="):
             raise ProtocolViolation(
                 "client requires an unsupported SCRAM extension", sqlstate.FEATURE_NOT_SUPPORTED
@@ -294,7 +320,10 @@ class ScramServer:
         cbind = _b64decode(_attr(parts[0], "c"))
         if cbind is None:
             raise _malformed("invalid channel-binding data")
-        if cbind != self._gs2_header.encode("ascii"):
+        expected = self._gs2_header.encode("ascii") + (self._binding or b"")
+        if not hmac.compare_digest(cbind, expected):
+            if self._binding is not None:
+                raise ProtocolViolation("SCRAM channel binding check failed")
             raise ProtocolViolation(
                 "unexpected SCRAM channel-binding attribute in client-final-message"
             )

@@ -138,6 +138,13 @@ class WorkerLink:
     def op_unlisten(self, msg: dict) -> None:
         self.pooler.hub.unlisten(str(msg["db"]), str(msg["channel"]).encode("latin-1"), self)
 
+    def op_cancel_client(self, msg: dict) -> None:
+        """A CancelRequest reached one worker for a client of another: pass it on."""
+        for link in self.pooler.links:
+            if link.index == int(msg["worker"]) and not link.channel.closed:
+                link.channel.send({"op": "cancel_client", "pid": msg["pid"],
+                                   "secret": msg["secret"]})
+
     def op_stats(self, msg: dict) -> None:
         self.channel.send({"op": "stats", "req": msg.get("req"), **self.pooler.pool.stats()})
 

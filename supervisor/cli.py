@@ -21,7 +21,13 @@ app = typer.Typer(
 class AuthMethod(StrEnum):
     scram = "scram"
     md5 = "md5"
+    password = "password"
     trust = "trust"
+
+
+class TlsMode(StrEnum):
+    on = "on"
+    off = "off"
 
 
 class LogLevel(StrEnum):
@@ -50,7 +56,22 @@ def up(
         "(default: generated and kept in HOME/password).",
     ),
     auth: AuthMethod = typer.Option(
-        AuthMethod.scram, help="Client authentication: scram (SCRAM-SHA-256), md5 or trust."
+        AuthMethod.scram,
+        help="Client authentication: scram (SCRAM-SHA-256), md5, password (cleartext, "
+        "accepted over TLS only) or trust.",
+    ),
+    tls: TlsMode = typer.Option(
+        TlsMode.on,
+        help="TLS on the client port. on: answer SSLRequest with the certificate of "
+        "--tls-cert/--tls-key, or one generated in HOME/tls on first run (self-signed, "
+        "for localhost and 127.0.0.1: use it as sslrootcert). off: refuse, as Postgres "
+        "with ssl=off.",
+    ),
+    tls_cert: Path | None = typer.Option(
+        None, exists=True, dir_okay=False, help="PEM certificate (chain) to serve; needs --tls-key."
+    ),
+    tls_key: Path | None = typer.Option(
+        None, exists=True, dir_okay=False, help="PEM private key of --tls-cert."
     ),
     query_wait_timeout: float = typer.Option(
         30.0, help="Seconds a query may wait for a free backend before it fails (0: forever)."
@@ -75,6 +96,15 @@ def up(
 
     if workers < 1 or pool_size < 1:
         raise typer.BadParameter("--workers and --pool-size must be at least 1")
+    if (tls_cert is None) != (tls_key is None):
+        raise typer.BadParameter("give both --tls-cert and --tls-key, or neither")
+    if tls is TlsMode.off and tls_cert is not None:
+        raise typer.BadParameter("--tls-cert/--tls-key need --tls on", param_hint="--tls")
+    if tls is TlsMode.off and auth is AuthMethod.password:
+        raise typer.BadParameter(
+            "--auth password sends passwords in clear: it is only offered over TLS",
+            param_hint="--tls",
+        )
     try:
         user_limits = parse_user_limits(user_limit)
     except ValueError as exc:
@@ -92,6 +122,9 @@ def up(
         log_level=log_level.value,
         metrics_port=metrics_port,
         user_limits=user_limits,
+        tls=tls is TlsMode.on,
+        tls_cert=str(tls_cert or ""),
+        tls_key=str(tls_key or ""),
     )
     raise typer.Exit(run_up(cfg, password))
 

@@ -7,7 +7,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-AUTH_METHODS = ("scram", "md5", "trust")
+AUTH_METHODS = ("scram", "md5", "password", "trust")
 
 
 @dataclass
@@ -33,8 +33,21 @@ class Config:
     # Distinct statement texts the shared catalog names pgf_<id> (more get hash names).
     statement_catalog_size: int = 65536
 
+    # TLS on the client port; without tls_cert/tls_key a self-signed pair is made in tls_dir.
+    tls: bool = True
+    tls_cert: str = ""
+    tls_key: str = ""
+
     def __post_init__(self) -> None:
         self.home = Path(self.home).absolute()
+        if self.tls_cert:
+            self.tls_cert = str(Path(self.tls_cert).absolute())
+        if self.tls_key:
+            self.tls_key = str(Path(self.tls_key).absolute())
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.home / "tls"
 
     @property
     def pg_socket_dir(self) -> Path:

@@ -16,10 +16,12 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import multiprocess
 
 import pgwire.auth  # noqa: F401  (its mock-SCRAM secret is created here, shared by forks)
+from gateway import tls
 from ipc.cancel_table import CancelTable
 from ipc.statement_catalog import MAX_PREPARED_PER_BACKEND, StatementCatalog
 
@@ -143,6 +145,11 @@ class Supervisor:
     def run(self) -> int:
         cfg = self.cfg
         lock = lock_home(cfg)
+        try:
+            tls.prepare(cfg)  # before forking: the workers inherit the loaded context
+        except tls.TlsError:
+            lock.close()
+            raise
         pg = PgInstance(
             home=cfg.home, port=cfg.pg_port, max_connections=max(100, cfg.pool_size + 20)
         )
@@ -223,10 +230,19 @@ class Supervisor:
             f"pool size {cfg.pool_size}, auth {cfg.auth}\n"
             f"  connect: psql \"postgres://postgres:{password}@{host}:{cfg.port}/postgres\"\n"
             f"  user: postgres  password: {password}  (kept in {cfg.password_file})\n"
+            f"  tls: {self._tls_line()}\n"
             f"  home: {cfg.home}  logs: {cfg.log_dir}\n"
             "  Ctrl-C stops everything.",
             flush=True,
         )
+
+    def _tls_line(self) -> str:
+        cfg = self.cfg
+        if not cfg.tls:
+            return "off"
+        if Path(cfg.tls_cert).parent == cfg.tls_dir:
+            return f"on, self-signed certificate {cfg.tls_cert} (use it as sslrootcert)"
+        return f"on, certificate {cfg.tls_cert}"
 
     def _on_signal(self, signum: int, frame) -> None:
         self.stopping = True
@@ -272,7 +288,7 @@ class Supervisor:
 def run_up(cfg: Config, password: str | None) -> int:
     try:
         return Supervisor(cfg, password).run()
-    except AlreadyRunningError as exc:
+    except (AlreadyRunningError, tls.TlsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -289,31 +289,15 @@ def test_many_silent_clients_do_not_block_others(server):
 
 
 # ------------------------------------------------------------------- SSL / GSS requests
+# (SSLRequest answers, with TLS on and off, are in test_tls.py.)
 
 
-@pytest.mark.parametrize(
-    "requests",
-    [
-        [fe.encode_ssl_request()],
-        [fe.encode_gssenc_request()],
-        [fe.encode_gssenc_request(), fe.encode_ssl_request()],
-    ],
-    ids=["ssl", "gssenc", "gssenc-then-ssl"],
-)
-def test_encryption_requests_refused_then_login(server, requests):
+def test_gssenc_request_refused_then_login(server):
     with unharmed(server) as c:
-        for req in requests:
-            c.send(req)
-            assert c.recv_raw(1) == b"N"
+        c.send(fe.encode_gssenc_request())
+        assert c.recv_raw(1) == b"N"
         c.login_scram()
         assert data_rows(c.query("select 7")) == [[b"7"]]
-
-
-def test_psycopg_sslmode_prefer_falls_back(server):
-    with psycopg.connect(server.dsn(sslmode="prefer"), connect_timeout=10) as conn:
-        assert conn.execute("select 1").fetchone() == (1,)
-    with pytest.raises(psycopg.OperationalError):
-        psycopg.connect(server.dsn(sslmode="require"), connect_timeout=10)
 
 
 # ------------------------------------------------------------------- cancel requests

@@ -190,7 +190,8 @@ def fatal_text(exc: psycopg.OperationalError) -> str:
     """The server's message from a libpq connection failure: what follows 'FATAL:  '."""
     msg = str(exc)
     assert "FATAL:" in msg, msg
-    return msg.split("FATAL:", 1)[1].strip()
+    # The last attempt's: with sslmode=prefer libpq retries without TLS after a FATAL.
+    return msg.rsplit("FATAL:", 1)[1].strip()
 
 
 # raw_login (tests.wire) shows the SQLSTATE of a failed login (libpq does not expose it
