@@ -17,6 +17,7 @@ pinning, Postgres's own parser on the texts the scan flags):
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 
 import orjson
@@ -292,3 +293,91 @@ def custom_setting_names(sql: bytes) -> set[str]:
     names = {m.group(1).replace(b" ", b"") for m in _CUSTOM_SET.finditer(_blank(low))}
     names.update(m.group(1) for m in _CUSTOM_CONFIG.finditer(low))
     return {n.decode("utf-8", "replace") for n in names}
+
+
+NAMEDATALEN = 64
+
+
+def channel_key(name: str) -> bytes:
+    """A channel name as Postgres keeps it: truncated to NAMEDATALEN - 1 bytes on a
+    character boundary, as it truncates every identifier."""
+    data = name.encode("utf-8")
+    if len(data) < NAMEDATALEN:
+        return data
+    return data[: NAMEDATALEN - 1].decode("utf-8", "ignore").encode("utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class Effects:
+    """Everything the session needs to know about one statement text, found once."""
+
+    pin: str | None = None
+    listen: tuple[tuple[str, bytes | None], ...] = ()  # (op, channel key or None for *)
+    sets: bool = False
+    resets: tuple[str, ...] = ()
+    drops: bool = False
+    custom: frozenset[str] = frozenset()
+    unpins: bool = False
+    prepared: bool = False  # mentions PREPARE/EXECUTE/DEALLOCATE
+    # Databases it needs no one else connected to (DROP, RENAME, TEMPLATE of, SET TABLESPACE).
+    vacates: tuple[str, ...] = ()
+
+
+PLAIN = Effects()
+# A statement mentioning none of these does nothing to its session beyond its result.
+_ANY_EFFECT = (b"set", b"prepare", b"listen", b"load", b"hold", b"temp", b"advisory",
+               b"discard", b"execute", b"deallocate", b"database", *_MIGHT_UNPIN)
+
+
+@lru_cache(maxsize=8192)
+def effects(sql: bytes) -> Effects:
+    """The pin reason, LISTEN ops, settings effects and unpin hint of ``sql``."""
+    low = sql.lower()
+    if not any(word in low for word in _ANY_EFFECT):
+        return PLAIN
+    sets = changes_settings(sql)
+    return Effects(
+        pin=pin_reason(sql),
+        listen=tuple((op, None if ch is None else channel_key(ch))
+                     for op, ch in listen_ops(sql)),
+        sets=sets,
+        resets=reset_targets(sql) if sets else (),
+        drops=drops_statements(sql),
+        custom=frozenset(custom_setting_names(sql)) if sets else frozenset(),
+        unpins=might_unpin(sql),
+        prepared=b"prepare" in low or b"execute" in low or b"deallocate" in low,
+        vacates=vacated_databases(sql) if b"database" in low else (),
+    )
+
+
+def vacated_databases(sql: bytes) -> tuple[str, ...]:
+    """Databases that ``sql`` needs without other sessions: pgfleet's idle pooled
+    backends there must go first, or Postgres refuses (55006, "is being accessed by
+    other users")."""
+    tree = _parse_tree(sql)
+    if tree is None:
+        return ()
+    out: list[str] = []
+    for raw in tree.get("stmts", ()):
+        stmt = raw.get("stmt", {})
+        if "DropdbStmt" in stmt:
+            out.append(stmt["DropdbStmt"]["dbname"])
+        elif stmt.get("RenameStmt", {}).get("renameType") == "OBJECT_DATABASE":
+            out.append(stmt["RenameStmt"]["subname"])
+        elif "CreatedbStmt" in stmt or "AlterDatabaseStmt" in stmt:
+            node = stmt.get("CreatedbStmt") or stmt["AlterDatabaseStmt"]
+            wanted = "template" if "CreatedbStmt" in stmt else "tablespace"
+            if wanted == "template" and not any(
+                o.get("DefElem", {}).get("defname") == "template" for o in node.get("options") or ()
+            ):
+                out.append("template1")  # CREATE DATABASE copies template1 by default
+            for opt in node.get("options") or ():
+                elem = opt.get("DefElem", {})
+                if elem.get("defname") == wanted:
+                    if wanted == "template":
+                        value = elem.get("arg", {}).get("String", {}).get("sval")
+                        if value:
+                            out.append(value)
+                    else:
+                        out.append(node["dbname"])
+    return tuple(out)

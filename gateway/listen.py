@@ -15,27 +15,20 @@ transactions, as Postgres delivers them.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pgwire.backend import encode_notification_bytes
+from pgwire.errors import ProtocolViolation
+
+from .classify import effects
+from .protocol import READY, B, Q, X, cstr_end
 
 if TYPE_CHECKING:
     from .backend import BackendLink
     from .session import Session
     from .worker import Worker
-
-NAMEDATALEN = 64
-
-
-def channel_key(name: str) -> bytes:
-    """A channel name as Postgres keeps it: truncated to NAMEDATALEN - 1 bytes on a
-    character boundary, as it truncates every identifier."""
-    data = name.encode("utf-8")
-    if len(data) < NAMEDATALEN:
-        return data
-    return data[: NAMEDATALEN - 1].decode("utf-8", "ignore").encode("utf-8")
-
 
 class ListenState:
     """One session's channels, the changes of its open transaction, and the
@@ -204,3 +197,88 @@ def after_transaction(session: Session, link: BackendLink | None, status: str,
                 out.extend(ready)
             else:
                 session.write_client(b"".join(ready))
+
+
+class ListenSession:
+    """Session mixin: LISTEN statements wait for the hub; notifications wait for idle."""
+
+    def _listen_gate(self, mtype: int, payload: bytes, raw: bytes) -> bool:
+        """A statement about to LISTEN: count the session in at the hub first, and hold
+        it (and what follows) until the hub listens, so nothing is missed."""
+        if mtype == Q:
+            ops = effects(payload[:-1]).listen
+        else:
+            pe = cstr_end(payload, 0)
+            name = payload[pe + 1 : cstr_end(payload, pe + 1)]
+            ops = self.stmt_listen.get(name, ()) if name else self.unnamed_listen
+        channels = [ch for op, ch in ops if op == "listen"]
+        if not channels:
+            return False
+        if self.listen is None:
+            self.listen = ListenState()
+        self.listen.sent(channels)
+        if self.worker.listeners.want(self, channels, self._hub_answered):
+            return False
+        self.held = deque([(mtype, payload, raw)])
+        return True
+
+    def _hub_answered(self, error: dict | None) -> None:
+        if error is not None:
+            # The hub could not listen: the backend's own LISTEN stays, the session pins.
+            self.pins.add("listen")
+            self.pin_epoch += 1
+        held, self.held = self.held, None
+        if self.phase != READY or held is None:
+            return
+        try:
+            # The first one passed its gate already; the rest may have gates of their own.
+            self._on_message_ungated(*held.popleft())
+            while held and self.held is None and self.phase == READY:
+                self._dispatch(*held.popleft())
+            if held:  # another LISTEN is waiting for the hub: the rest waits behind it
+                self.held.extend(held)
+        except ProtocolViolation as exc:
+            self.fatal(exc.sqlstate, exc.message)
+            return
+        link = self.link
+        if link is not None:
+            link.flush()
+            self._maybe_release(link)
+
+    def _dispatch(self, mtype: int, payload: bytes, raw: bytes) -> None:
+        """A held message, past its gate."""
+        if mtype == X:
+            self.close()
+        elif mtype == Q or mtype == B:
+            if not self._listen_gate(mtype, payload, raw):
+                self._on_message_ungated(mtype, payload, raw)
+        else:
+            self._on_message_ungated(mtype, payload, raw)
+
+    def _listen_sent(self, link: BackendLink, ops: tuple[tuple[str, bytes | None], ...]):
+        """The backend runs a statement with LISTEN ops: returns the on_done that books
+        them once it worked (they take effect when its transaction commits)."""
+        if self.listen is None:
+            self.listen = ListenState()
+        if any(op == "listen" for op, _ in ops):
+            link.listened = True  # UNLISTEN * before the backend goes back
+        state = self.listen
+
+        def done(ok: bool) -> None:
+            state.statement_done(ops, ok)
+
+        return done
+
+    def notified(self, channel: bytes, raw: bytes) -> None:
+        """A notification on a channel this session listens on (or is about to)."""
+        state = self.listen
+        if state is None or self.phase != READY:
+            return
+        link = self.link
+        idle = not self.pending and self.held is None and (
+            link is None or (not link.queue and link.status == "I")
+        )
+        if idle and channel in state.channels:
+            self.write_client(raw)
+        else:
+            state.queue.append((channel, raw))

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .worker import Worker
 
-from .session import PIN_REASONS as _CHECKED
+from .pins import PIN_REASONS as _CHECKED
 
 PIN_REASONS = (*_CHECKED, "load")  # LOAD cannot be undone, so it is never checked
 

@@ -75,6 +75,10 @@ class PoolerClient:
             key = (str(msg["db"]), str(msg["user"]))
             self.worker.forget_status(key)
             leases.retire(key)
+        elif op == "vacate":
+            db = str(msg["db"])
+            for key in [k for k in leases.idle if k[0] == db]:
+                leases.retire(key)
         elif op == "cancel_client":
             self.worker.cancel_waiting(int(msg["pid"]), int(msg["secret"]))
         elif op == "notify":
@@ -157,6 +161,13 @@ class Worker:
                 if session.client_secret == secret & 0xFFFFFFFF:
                     session.cancel_waiting()
                 return
+
+    def vacate(self, databases: tuple[str, ...]) -> None:
+        """A statement needs these databases free of other sessions (DROP DATABASE, ...):
+        every worker and the pooler close their idle backends there. Postgres waits a
+        few seconds for other backends to exit, which is time enough."""
+        for db in databases:
+            self.pooler.send({"op": "vacate", "db": db})
 
     def client_pid_of_backend(self, backend_pid: int) -> int:
         """The pid our client knows for the session a backend serves here, so that a

@@ -138,6 +138,14 @@ class WorkerLink:
     def op_unlisten(self, msg: dict) -> None:
         self.pooler.hub.unlisten(str(msg["db"]), str(msg["channel"]).encode("latin-1"), self)
 
+    def op_vacate(self, msg: dict) -> None:
+        """Close every idle backend of a database, here and in every worker's cache."""
+        db = str(msg["db"])
+        self.pooler.pool.retire(db, None)
+        for link in list(self.pooler.links):
+            if not link.channel.closed:
+                link.channel.send({"op": "vacate", "db": db})
+
     def op_cancel_client(self, msg: dict) -> None:
         """A CancelRequest reached one worker for a client of another: pass it on."""
         for link in self.pooler.links:

@@ -1,0 +1,289 @@
+"""A session's prepared statements: protocol-level ones under shared backend names,
+SQL-level PREPARE/EXECUTE/DEALLOCATE under per-session names.
+
+Protocol statements get their backend name from the shared catalog (``pgf_<id>``,
+see ipc.statement_catalog), so sessions that prepare the same text share one backend
+statement, parsed once per backend; a session's book maps its names to them and
+prepares them again on a backend that lacks them. SQL-level statements are renamed
+``pgfs_<pid>_<n>`` and re-prepared from their PREPARE text where needed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pgwire import backend as be
+from pgwire import frontend as fe
+from pgwire import sqlstate
+
+from . import sql_prepare
+from .backend import K_BIND, K_EXEC, K_PARSE, K_QUERY
+from .classify import effects
+from .protocol import P, Q, cstr_end, msg, raise_sql
+
+if TYPE_CHECKING:
+    from .backend import BackendLink
+
+
+class StatementBook:
+    """Session mixin: the statement books and what Parse, Bind and Close do with them."""
+
+    def _parse_known(self, payload: bytes) -> bool:
+        """Answer a named Parse without a backend when this worker has already parsed the
+        same text and parameter types successfully; it is prepared on a backend when
+        first used. A client that prepares while its other connections hold every
+        backend (pgbench -M prepared does, blocking its thread) must not wait here."""
+        ne = cstr_end(payload, 0)
+        name = payload[:ne]
+        if not name or name in self.stmts:
+            return False
+        body = payload[ne + 1 :]
+        bname = self.worker.statement_name(body)
+        if not self.worker.statement_known(bname):
+            return False
+        fx = effects(body[: cstr_end(body, 0)])
+        if fx.pin is not None:
+            return False
+        if self.sql_stmts and fx.prepared:
+            return False  # may need rewriting: take the full path
+        self.stmts[name] = (bname, msg(P, bname + b"\x00" + body))
+        self.stmt_pins.pop(name, None)
+        self.sql_deps.pop(name, None)
+        if fx.listen:
+            self.stmt_listen[name] = fx.listen
+        else:
+            self.stmt_listen.pop(name, None)
+        if fx.sets or fx.drops:
+            self.setting_stmts.add(name)
+            self.custom_names |= fx.custom
+            self.stmt_effects[name] = (fx.resets, fx.drops)
+        else:
+            self.setting_stmts.discard(name)
+            self.stmt_effects[name] = None
+        self.write_client(be.PARSE_COMPLETE)
+        return True
+
+    def _sql_prepared(self, link: BackendLink, cmd: sql_prepare.SqlPrepareCommand,
+                      sql: bytes) -> None:
+        """Forward a single SQL PREPARE/EXECUTE/DEALLOCATE under the session's backend name."""
+        entry = self.sql_stmts.get(cmd.name)
+        if cmd.kind == "prepare":
+            reason = effects(sql).pin
+            if reason is not None and reason != "sql_prepare":
+                self.pins.add(reason)
+                self.pin_epoch += 1
+                self.pin_check = True
+            if entry is not None:
+                shown = cmd.name.decode("utf-8", "replace")
+                self._raise_in_query(link, sqlstate.DUPLICATE_PREPARED_STATEMENT,
+                                     f'prepared statement "{shown}" already exists')
+                return
+            bname = self.worker.sql_statement_name()
+            text = sql[: cmd.start] + bname + sql[cmd.end :]
+            new = (bname, msg(Q, text + b"\x00"))
+            self.sql_stmts[cmd.name] = new
+
+            def prepared(ok: bool, link: BackendLink = link) -> None:
+                if ok:
+                    link.prepared.add(bname)
+                elif self.sql_stmts.get(cmd.name) is new:
+                    del self.sql_stmts[cmd.name]
+
+            link.expect(K_QUERY, on_done=prepared)
+            link.write(new[1])
+            return
+        if entry is None:
+            # Not ours: Postgres answers (e.g. "does not exist") with the client's name.
+            link.expect(K_QUERY)
+            link.write(msg(Q, sql + b"\x00"))
+            return
+        bname, prepare_raw = entry
+        if bname not in link.prepared:
+            link.expect(K_QUERY, swallow=1, on_done=link.assume_prepared(bname))
+            link.write(prepare_raw)
+        text = sql[: cmd.start] + bname + sql[cmd.end :]
+        on_done = None
+        if cmd.kind == "deallocate":
+            def on_done(ok: bool, link: BackendLink = link) -> None:
+                if ok:
+                    link.prepared.discard(bname)
+                    if self.sql_stmts.get(cmd.name) is entry:
+                        del self.sql_stmts[cmd.name]
+        link.expect(K_QUERY, on_done=on_done)
+        link.write(msg(Q, text + b"\x00"))
+
+    def _ensure_sql_prepared_extended(self, link: BackendLink, name: bytes) -> bytes:
+        """Make sure our SQL statement ``name`` exists on ``link`` from inside an extended
+        sequence: its PREPARE runs through the unnamed statement, replies swallowed."""
+        bname, prepare_raw = self.sql_stmts[name]
+        if bname not in link.prepared:
+            reprepared = link.assume_prepared(bname)
+            link.unnamed_of = None  # we are about to replace the backend's unnamed statement
+            link.expect(K_PARSE, swallow=1)
+            link.write(fe.encode_parse("", prepare_raw[5:-1].decode("utf-8", "surrogateescape")))
+            link.expect(K_BIND, swallow=1)
+            link.write(fe.encode_bind("", "", []))
+            link.expect(K_EXEC, swallow=1, on_done=reprepared)
+            link.write(fe.encode_execute("", 0))
+        return bname
+
+    def _raise_in_query(self, link: BackendLink, code: str, message: str) -> None:
+        """Fail a simple Query with an error pgfleet decides, through the backend, so the
+        transaction is aborted there exactly as the client now believes."""
+        link.expect(K_QUERY)
+        link.write(fe.encode_query(raise_sql(code, message)))
+
+    def _dropped_all(self, link: BackendLink) -> None:
+        """DEALLOCATE ALL / DISCARD ALL: the backend loses every statement, ours and other
+        sessions'; our names go, and every statement is prepared again where needed."""
+        self.stmts.clear()
+        self.sql_stmts.clear()
+        self.unnamed_parse = self.unnamed_token = None
+        link.prepared.clear()
+        link.unnamed_of = None
+
+    def _parse(self, link: BackendLink, payload: bytes, raw: bytes) -> None:
+        ne = cstr_end(payload, 0)
+        name = payload[:ne]
+        body = payload[ne + 1 :]
+        qe = cstr_end(body, 0)
+        query = body[:qe]
+        fx = effects(query)
+        self._note_pins(fx)
+        if fx.vacates:
+            self.worker.vacate(fx.vacates)
+        if name:
+            if fx.listen:
+                self.stmt_listen[name] = fx.listen
+            else:
+                self.stmt_listen.pop(name, None)
+        else:
+            self.unnamed_listen = fx.listen
+        pin = fx.pin
+        if name:
+            if pin is None:
+                self.stmt_pins.pop(name, None)
+            else:
+                self.stmt_pins[name] = pin
+        else:
+            self.unnamed_pin = pin
+        dep: bytes | None = None
+        if self.sql_stmts and fx.prepared:
+            cmd = sql_prepare.parse(query)
+            if cmd is not None and cmd.kind != "prepare" and cmd.name in self.sql_stmts:
+                # EXECUTE/DEALLOCATE of our SQL statement, sent through Parse (psycopg does).
+                bname = self._ensure_sql_prepared_extended(link, cmd.name)
+                query = query[: cmd.start] + bname + query[cmd.end :]
+                body = query + body[qe:]
+                payload = name + b"\x00" + body
+                raw = msg(P, payload)
+                if cmd.kind == "deallocate":
+                    self.sql_stmts.pop(cmd.name, None)
+                    link.prepared.discard(bname)
+                else:
+                    dep = cmd.name  # binding this statement later needs our SQL statement
+        sets = fx.sets or fx.drops
+        done_after = None
+        if sets:
+            self.custom_names |= fx.custom
+            # What executing it does beyond its result, applied at the group's Sync.
+            done_after = (fx.resets, fx.drops)
+        if name:
+            self.stmt_effects[name] = done_after
+        else:
+            self.unnamed_effects = done_after
+        if name:
+            if dep is None:
+                self.sql_deps.pop(name, None)
+            else:
+                self.sql_deps[name] = dep
+        else:
+            self.unnamed_dep = dep
+        if not name:
+            self.unnamed_sets = sets
+            token = object()
+            self.unnamed_parse, self.unnamed_token = raw, token
+            link.unnamed_of = token
+
+            def parsed(ok: bool, link: BackendLink = link, token: object = token) -> None:
+                if not ok and link.unnamed_of is token:
+                    link.unnamed_of = None
+
+            link.expect(K_PARSE, on_done=parsed)
+            link.write(raw)
+            return
+        if name in self.stmts:
+            self._synth_error(
+                link,
+                sqlstate.DUPLICATE_PREPARED_STATEMENT,
+                f'prepared statement "{name.decode("utf-8", "replace")}" already exists',
+            )
+            return
+        bname = self.worker.statement_name(body)
+        entry = (bname, msg(P, bname + b"\x00" + body))
+        self.stmts[name] = entry
+        if sets:
+            self.setting_stmts.add(name)
+        else:
+            self.setting_stmts.discard(name)
+
+        def parsed_named(ok: bool, link: BackendLink = link) -> None:
+            if ok:
+                self.worker.note_statement(bname)
+            else:
+                link.prepared.discard(bname)
+                if self.stmts.get(name) is entry:
+                    del self.stmts[name]
+
+        if bname in link.prepared:
+            link.prepared.touch(bname)
+            link.push_synth(be.PARSE_COMPLETE, on_done=parsed_named)
+        else:
+            link.make_room()
+            link.prepared.add(bname)
+            link.expect(K_PARSE, on_done=parsed_named)
+            link.write(entry[1])
+
+    def _backend_stmt(self, link: BackendLink, name: bytes) -> bytes | None:
+        """Backend name for our statement ``name``, prepared there first if need be."""
+        entry = self.stmts.get(name)
+        if entry is None:
+            self._synth_error(
+                link,
+                sqlstate.UNDEFINED_PSTATEMENT,
+                f'prepared statement "{name.decode("utf-8", "replace")}" does not exist',
+            )
+            return None
+        bname, parse_raw = entry
+        if bname in link.prepared:
+            link.prepared.touch(bname)
+        else:
+            link.make_room()
+            link.expect(K_PARSE, swallow=1, on_done=link.assume_prepared(bname))
+            link.write(parse_raw)
+        return bname
+
+    def _ensure_unnamed(self, link: BackendLink) -> None:
+        """The unnamed statement outlives a Sync; re-parse it on a backend that lacks ours."""
+        token = self.unnamed_token
+        if token is None or link.unnamed_of is token:
+            return
+        link.unnamed_of = token
+
+        def reparsed(ok: bool, link: BackendLink = link) -> None:
+            if not ok and link.unnamed_of is token:
+                link.unnamed_of = None
+
+        link.expect(K_PARSE, swallow=True, on_done=reparsed)
+        link.write(self.unnamed_parse)
+
+    def _synth_error(self, link: BackendLink, code: str, message: str) -> None:
+        """Fail an extended-protocol message with an error pgfleet decides, through the
+        backend, so it aborts the transaction (and skips to Sync) exactly as Postgres."""
+        link.unnamed_of = None  # the unnamed statement carries the DO block
+        link.expect(K_PARSE, swallow=1)
+        link.write(fe.encode_parse("", raise_sql(code, message)))
+        link.expect(K_BIND, swallow=1)
+        link.write(fe.encode_bind("", "", []))
+        link.expect(K_EXEC, swallow=1)
+        link.write(fe.encode_execute("", 0))

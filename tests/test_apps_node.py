@@ -1,0 +1,55 @@
+"""node-postgres (npm ``pg`` and ``pg-copy-streams``) run unchanged through pgfleet.
+
+The app is ``tests/apps/node/app.js``: parameterised queries, a named prepared
+statement reused across transactions (and the same name on another connection for
+other text), LISTEN/NOTIFY between two clients, COPY FROM STDIN and COPY TO STDOUT.
+Its npm packages are installed by ``scripts/setup.sh``. The rows it wrote are checked
+straight on Postgres afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from decimal import Decimal
+from pathlib import Path
+
+import psycopg
+import pytest
+
+APP = Path(__file__).resolve().parent / "apps" / "node"
+NODE_TIMEOUT = 120
+
+
+def test_node_postgres_app(server):
+    node = shutil.which("node")
+    assert node, "node is missing: run scripts/setup.sh"
+    assert (APP / "node_modules" / "pg").is_dir(), "npm packages missing: run scripts/setup.sh"
+    table = f"apps_node_{uuid.uuid4().hex[:10]}"
+    env = server.env()
+    env["PGSSLMODE"] = "disable"
+    try:
+        out = subprocess.run([node, "app.js", table], cwd=APP, env=env, capture_output=True,
+                             text=True, timeout=NODE_TIMEOUT)
+        assert out.returncode == 0, f"stdout:\n{out.stdout}\nstderr:\n{out.stderr}"
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        assert result == {"ok": True, "notifications": 3, "copied_in": 5000,
+                          "copied_out": 5000, "sum": "15628125.00"}
+        with psycopg.connect(server.direct_dsn()) as conn:
+            assert conn.execute(f"select count(*), sum(id) from {table}").fetchone() == (50, 1275)
+            n, s = conn.execute(f"select count(*), sum(v) from {table}_copy").fetchone()
+            assert (n, s) == (5000, Decimal("15628125.00"))
+    finally:
+        with psycopg.connect(server.direct_dsn(), autocommit=True) as conn:
+            conn.execute(f"drop table if exists {table}, {table}_copy")
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_pg_env(monkeypatch):
+    """Only the server's PG* variables reach node (not a developer's own PGSERVICE etc.)."""
+    for key in list(os.environ):
+        if key.startswith("PG"):
+            monkeypatch.delenv(key)
