@@ -381,8 +381,9 @@ def run_pgbench(target: str, mode: str, conn: dict, args: argparse.Namespace, cl
     if churn:
         cmd.append("-C")
     cmd += ["-h", conn["host"], "-p", str(conn["port"]), "-U", "postgres", "postgres"]
+    # Plain TCP for all three (PgBouncer here has no TLS; pgfleet offers it by default).
     env = dict(os.environ, PGPASSWORD=conn["password"], PGCONNECT_TIMEOUT="10",
-               PGAPPNAME="pgbench-compare")
+               PGAPPNAME="pgbench-compare", PGSSLMODE="disable")
     label = f"{target:<9} {mode:<8}{' -C' if churn else ''}"
     log(f"run {label}: {' '.join(cmd)}")
 

@@ -211,7 +211,7 @@ class LeaseManager:
             key = (str(msg.get("db", "")), str(msg.get("user", "")))
         if not fds:
             return
-        self.loop.create_task(self._adopt(msg, fds[0], key))
+        self.worker.spawn(self._adopt(msg, fds[0], key))
         for extra in fds[1:]:
             os.close(extra)
 

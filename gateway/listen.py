@@ -202,6 +202,8 @@ def after_transaction(session: Session, link: BackendLink | None, status: str,
 class ListenSession:
     """Session mixin: LISTEN statements wait for the hub; notifications wait for idle."""
 
+    __slots__ = ()
+
     def _listen_gate(self, mtype: int, payload: bytes, raw: bytes) -> bool:
         """A statement about to LISTEN: count the session in at the hub first, and hold
         it (and what follows) until the hub listens, so nothing is missed."""

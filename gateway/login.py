@@ -71,7 +71,7 @@ class Login:
         self.session.fatal(sqlstate.PROTOCOL_VIOLATION, "canceling authentication due to timeout")
 
     def start(self, msg: fe.StartupMessage) -> None:
-        self.task = self.loop.create_task(self._run(msg))
+        self.task = self.worker.spawn(self._run(msg))
 
     def wake(self) -> None:
         w = self._wakeup

@@ -32,6 +32,8 @@ PIN_QUERY = (
 class PinBook:
     """Session mixin: which pin reasons the session has, and asking the backend."""
 
+    __slots__ = ()
+
     def _note_pins(self, fx: Effects) -> None:
         reason = fx.pin
         if reason is not None:

@@ -61,6 +61,19 @@ UNLISTEN_ALL = fe.encode_query("UNLISTEN *")
 class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Protocol):
     """The asyncio protocol of one client connection."""
 
+    # A session per client connection: slots keep tens of thousands of them small.
+    __slots__ = (
+        "worker", "transport", "phase", "startup_framer", "framer", "login", "user", "database",
+        "key", "settings", "startup_settings", "settings_dirty", "custom_names", "link",
+        "waiting", "wait_timer", "pending", "pins", "pin_check", "pin_epoch", "stmts",
+        "unnamed_parse", "sql_stmts", "sql_deps", "unnamed_dep", "stmt_pins", "stmt_effects",
+        "unnamed_effects", "pending_resets", "pending_drop", "unnamed_pin", "setting_stmts",
+        "unnamed_sets", "unnamed_token", "skip_until_sync", "unsynced", "slot", "client_pid",
+        "client_secret", "paused_backend", "listen", "stmt_listen", "unnamed_listen",
+        "portal_listen", "held", "ssl_done", "gss_done", "tls_in_use", "handshaking",
+        "tls_task",
+    )
+
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.transport: asyncio.Transport | None = None
@@ -85,7 +98,8 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         self.link: BackendLink | None = None
         self.waiting = False
         self.wait_timer: asyncio.TimerHandle | None = None
-        self.pending: deque[tuple[int, bytes, bytes]] = deque()
+        # Messages waiting for a backend (a list: most sessions never queue more than a few).
+        self.pending: list[tuple[int, bytes, bytes]] = []
         self.pins: set[str] = set()
         # Something ran that may have removed the pinning state: ask the backend what
         # is left before deciding the session is still pinned.
@@ -126,6 +140,13 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         self.unnamed_listen: tuple[tuple[str, bytes | None], ...] = ()
         self.portal_listen: tuple[tuple[str, bytes | None], ...] = ()
         self.held: deque[tuple[int, bytes, bytes]] | None = None
+        # Encryption negotiation, as Postgres: one SSLRequest, one GSSENCRequest (refused),
+        # in either order, none after TLS started.
+        self.ssl_done = False
+        self.gss_done = False
+        self.tls_in_use = False
+        self.handshaking = False
+        self.tls_task: asyncio.Task | None = None
 
     # -- asyncio protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -208,13 +229,6 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             self.connection_lost(None)
 
     # -- startup ----------------------------------------------------------------------------
-    # Encryption negotiation, as Postgres: one SSLRequest, one GSSENCRequest (refused),
-    # in either order, none after TLS started.
-    ssl_done = False
-    gss_done = False
-    tls_in_use = False
-    handshaking = False
-    tls_task: asyncio.Task | None = None
 
     def _startup_data(self, data: bytes) -> None:
         sf = self.startup_framer
@@ -265,7 +279,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         raw.pause_reading()
         self.handshaking = True
         self.transport = tls.Handshaking(raw)
-        self.tls_task = self.worker.loop.create_task(tls.upgrade(self, raw, ctx))
+        self.tls_task = self.worker.spawn(tls.upgrade(self, raw, ctx))
 
     def tls_started(self, transport: asyncio.Transport) -> None:
         """The handshake is done: the session goes on over ``transport``."""
@@ -352,7 +366,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         self.attach(link)
         pending = self.pending
         while pending and self.link is link:
-            mtype, payload, raw = pending.popleft()
+            mtype, payload, raw = pending.pop(0)
             try:
                 self._forward(link, mtype, payload, raw)
             except ProtocolViolation as exc:
@@ -402,12 +416,12 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
                              "canceling statement due to user request")
         pending = self.pending
         if pending[0][0] in (Q, F):
-            pending.popleft()
+            pending.pop(0)
             out = [err, RFQ_IDLE]
         else:  # extended protocol: the rest up to Sync is skipped, as after any error
             out = [err]
             while pending:
-                mtype = pending.popleft()[0]
+                mtype = pending.pop(0)[0]
                 if mtype == S:
                     out.append(RFQ_IDLE)
                     break
@@ -423,7 +437,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         out: list[bytes] = []
         failed = False
         while self.pending:
-            mtype = self.pending.popleft()[0]
+            mtype = self.pending.pop(0)[0]
             if mtype == Q or mtype == F:
                 out += (err, RFQ_IDLE)
             elif mtype == S:

@@ -23,6 +23,8 @@ SETTINGS_SQL = (
 class SettingsBook:
     """Session mixin: RESET's replay of startup values, and re-reading the book."""
 
+    __slots__ = ()
+
     def _after_resets(self, link: BackendLink, targets: tuple[str, ...]) -> None:
         """RESET puts a setting back to its startup value in Postgres, not to the server
         default: replay the startup values it touched, right behind the statement."""

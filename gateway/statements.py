@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 class StatementBook:
     """Session mixin: the statement books and what Parse, Bind and Close do with them."""
 
+    __slots__ = ()
+
     def _parse_known(self, payload: bytes) -> bool:
         """Answer a named Parse without a backend when this worker has already parsed the
         same text and parameter types successfully; it is prepared on a backend when

@@ -124,6 +124,7 @@ class Worker:
         self.cancel_table.reset_range(self.slots)
         self.free_slots = list(reversed(self.slots))
         self.listeners = Listeners(self)
+        self.tasks: set[asyncio.Task] = set()
         self.leases: LeaseManager  # set in run()
         self.pooler: PoolerClient
 
@@ -179,7 +180,15 @@ class Worker:
 
     def send_cancel(self, backend_pid: int, backend_secret: int) -> asyncio.Task:
         """Ask Postgres to cancel; the task ends once Postgres has signalled the backend."""
-        return self.loop.create_task(self._send_cancel(backend_pid, backend_secret))
+        return self.spawn(self._send_cancel(backend_pid, backend_secret))
+
+    def spawn(self, coro) -> asyncio.Task:
+        """A task kept alive until it finishes: the event loop holds tasks only weakly,
+        so a cancelled login whose session is gone could be collected mid-cancel."""
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
 
     async def _send_cancel(self, pid: int, secret: int) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

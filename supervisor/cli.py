@@ -137,5 +137,11 @@ def version() -> None:
     typer.echo(v("pgfleet"))
 
 
+# ``pgfleet firehose``: the load generator; its options and code live in bench/firehose.
+from bench.firehose.cli import firehose as _firehose  # noqa: E402
+
+app.command("firehose")(_firehose)
+
+
 def main() -> None:
     app()
