@@ -36,6 +36,10 @@ class LeaseManager:
         self.idle: dict[Key, list[BackendLink]] = {}
         self.waiters: dict[Key, deque[Session]] = {}
         self.requests: dict[int, Key] = {}  # lease requests outstanding at the pooler
+        # The same, per key, oldest first. At most the pool's size per key: the pooler's
+        # fair shares never give one user more, so more would only be bookkeeping.
+        self.requests_of: dict[Key, dict[int, None]] = {}
+        self.max_requests = max(1, worker.cfg.pool_size)
         self.held: set[BackendLink] = set()  # every live link this worker holds
         self._req_ids = itertools.count(1)
         # Backends the pooler asked us to give back as they come free, per pool (another
@@ -169,19 +173,40 @@ class LeaseManager:
 
     # -- the pooler side ---------------------------------------------------------------------
     def _request(self, key: Key) -> None:
+        """One more session of ``key`` waits: ask the pooler for one more backend,
+        unless as many requests as the pool has backends are out already."""
+        mine = self.requests_of.setdefault(key, {})
+        if len(mine) >= self.max_requests:
+            return
         rid = next(self._req_ids)
         self.requests[rid] = key
+        mine[rid] = None
         self._to_request.setdefault(key, []).append(rid)
         self._schedule_flush()
 
+    def _answered(self, rid: int) -> Key | None:
+        key = self.requests.pop(rid, None)
+        if key is not None:
+            mine = self.requests_of.get(key)
+            if mine is not None:
+                mine.pop(rid, None)
+        return key
+
+    def _top_up(self, key: Key) -> None:
+        """Keep min(waiting sessions, pool size) requests out for ``key``."""
+        want = min(len(self.waiters.get(key) or ()), self.max_requests)
+        for _ in range(want - len(self.requests_of.get(key) or ())):
+            self._request(key)
+
     def _trim_requests(self, key: Key) -> None:
         """Withdraw lease requests that no waiting session needs any more."""
-        want = len(self.waiters.get(key) or ())
-        mine = [rid for rid, k in self.requests.items() if k == key]
-        if len(mine) <= want:
+        want = min(len(self.waiters.get(key) or ()), self.max_requests)
+        mine = self.requests_of.get(key)
+        if not mine or len(mine) <= want:
             return
         unsent = self._to_request.get(key) or []
-        for rid in mine[want:]:
+        for rid in list(mine)[want:]:
+            del mine[rid]
             del self.requests[rid]
             if rid in unsent:
                 unsent.remove(rid)
@@ -206,7 +231,7 @@ class LeaseManager:
         self._to_request = {}
 
     def on_leased(self, msg: dict, fds: list[int]) -> None:
-        key = self.requests.pop(int(msg["req"]), None)
+        key = self._answered(int(msg["req"]))
         if key is None:
             key = (str(msg.get("db", "")), str(msg.get("user", "")))
         if not fds:
@@ -228,14 +253,16 @@ class LeaseManager:
             return
         self.held.add(link)
         self.put_back(link, fresh=True)
+        self._top_up(key)
 
     def on_lease_failed(self, msg: dict) -> None:
-        key = self.requests.pop(int(msg["req"]), None)
+        key = self._answered(int(msg["req"]))
         if key is None:
             return
         q = self.waiters.get(key)
         if q:
             q.popleft().on_lease_failed(msg.get("error") or {})
+            self._top_up(key)
 
     def reclaim(self, count: int, key: Key | None = None) -> None:
         """The pooler has waiters it cannot serve.

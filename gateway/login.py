@@ -183,6 +183,7 @@ class Login:
         """Authenticate, then the checks Postgres makes after authentication."""
         s = self.session
         await self._authenticate(user, info)
+        s.cork()  # AuthenticationOk travels with the status report (or the error)
         s.write_client(be.encode_auth_ok())
         if not info["can_login"]:
             raise LoginFailed(
@@ -278,6 +279,7 @@ class Login:
             final = server.final(fe.decode_sasl_response(payload))
         except AuthFailed:
             return False
+        self.session.cork()  # with AuthenticationOk and the status report
         self.session.write_client(be.encode_auth_sasl_final(final))
         return True
 

@@ -71,7 +71,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         "unnamed_sets", "unnamed_token", "skip_until_sync", "unsynced", "slot", "client_pid",
         "client_secret", "paused_backend", "listen", "stmt_listen", "unnamed_listen",
         "portal_listen", "held", "ssl_done", "gss_done", "tls_in_use", "handshaking",
-        "tls_task",
+        "tls_task", "corked",
     )
 
     def __init__(self, worker: Worker) -> None:
@@ -147,6 +147,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         self.tls_in_use = False
         self.handshaking = False
         self.tls_task: asyncio.Task | None = None
+        self.corked: list[bytes] | None = None
 
     # -- asyncio protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -213,7 +214,21 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
     # -- output -----------------------------------------------------------------------------
     def write_client(self, data: bytes) -> None:
         if self.transport is not None and self.phase != CLOSED:
-            self.transport.write(data)
+            if self.corked is not None:
+                self.corked.append(data)
+            else:
+                self.transport.write(data)
+
+    def cork(self) -> None:
+        """Hold output until uncork(): the end of a login goes out in one write (each
+        write to a loopback socket costs the receiver's work too)."""
+        if self.corked is None:
+            self.corked = []
+
+    def uncork(self) -> None:
+        out, self.corked = self.corked, None
+        if out and self.transport is not None and self.phase != CLOSED:
+            self.transport.write(b"".join(out))
 
     def fatal(self, code: str, message: str, detail: str | None = None) -> None:
         """Send a FATAL ErrorResponse and end this client (only this one)."""
@@ -223,6 +238,8 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         self.close()
 
     def close(self) -> None:
+        if self.corked is not None:
+            self.uncork()
         if self.transport is not None:
             self.transport.close()
         if self.phase != CLOSED:
@@ -301,6 +318,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         out.append(be.encode_backend_key_data(pid, secret))
         out.append(RFQ_IDLE)
         self.write_client(b"".join(out))
+        self.uncork()
         self.phase = READY
         # A client may have pipelined messages behind its last login message.
         self.data_received(b"")
