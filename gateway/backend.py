@@ -37,6 +37,24 @@ _END_BYTE = {K_PARSE: ord("1"), K_BIND: ord("2"), K_CLOSE: ord("3")}
 E, Z, T, n_ = ord("E"), ord("Z"), ord("T"), ord("n")
 
 
+_PASS = frozenset(b"TDCNI")  # RowDescription, DataRow, CommandComplete, Notice, EmptyQuery
+_LEN = struct.Struct("!I")
+
+
+def _pass_through(data: bytes) -> int:
+    """How many leading bytes of ``data`` are whole messages of the _PASS kinds."""
+    n = len(data)
+    pos = 0
+    unpack = _LEN.unpack_from
+    while n - pos >= 5 and data[pos] in _PASS:
+        (length,) = unpack(data, pos + 1)
+        end = pos + 1 + length
+        if length < 4 or end > n:
+            break
+        pos = end
+    return pos
+
+
 def _rename_in_error(raw: bytes, backend_name: bytes, client_name: bytes) -> bytes:
     body = raw[5:].replace(b'"' + backend_name + b'"', b'"' + client_name + b'"')
     return raw[:1] + struct.pack("!I", len(body) + 4) + body
@@ -132,6 +150,8 @@ class BackendLink(asyncio.Protocol):
         self.reported: dict[str, str] = dict(lease.get("params") or {})
         # Settings pgfleet replayed on it for sessions, relative to its defaults.
         self.applied: dict[str, str] = dict(lease.get("applied") or {})
+        # The session settings book ``applied`` was last made equal to (identity).
+        self.synced_with: dict | None = None
         # Backend-side names of the statements prepared on it, kept in the shared
         # catalog under the backend's slot while no worker holds it.
         self.slot: int = lease.get("slot", -1)
@@ -239,8 +259,27 @@ class BackendLink(asyncio.Protocol):
     # -- replies ----------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         framer = self.framer
-        framer.feed(data)
         out = self._client_out
+        queue = self.queue
+        if (
+            queue
+            and not framer.buffered()
+            and queue[0].kind == K_QUERY
+            and not queue[0].swallow
+            and queue[0].rows is None
+            and not self.copy_in
+            and self.session is not None
+            and self.session.listen is None
+            and not self.draining
+        ):
+            # The rows of a client's simple Query: forward them as they came, without
+            # cutting them into messages; ReadyForQuery and anything special take the
+            # message-by-message path below.
+            pos = _pass_through(data)
+            if pos:
+                out.append(data if pos == len(data) else data[:pos])
+                data = data[pos:]
+        framer.feed(data)
         try:
             while True:
                 m = framer.next_message()

@@ -399,8 +399,9 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         self.link = link
         link.session = self
         if self.slot >= 0:
-            self.worker.cancel_table.set_backend(self.slot, link.pid, link.secret)
-        self.worker.apply_settings(link, self.settings)
+            self.worker.cancel_table.serve(self.slot, self.client_secret, link.pid, link.secret)
+        if link.synced_with is not self.settings:  # (the same book as last time: in sync)
+            self.worker.apply_settings(link, self.settings)
 
     def on_lease_failed(self, fields: dict[str, str]) -> None:
         """The pooler could not open a backend for us (e.g. the database is gone)."""
@@ -508,7 +509,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
                 link.transport.resume_reading()
                 self.paused_backend = False
         if self.slot >= 0:
-            self.worker.cancel_table.set_backend(self.slot, 0, 0)
+            self.worker.cancel_table.serve(self.slot, self.client_secret, 0, 0)
 
     def backend_progress(self, link: BackendLink) -> None:
         """Called after the backend's replies were routed to us."""

@@ -57,6 +57,7 @@ class SettingsBook:
                 book[n.lower()] = (n, value.decode())
             self.settings = book
             link.applied = {k: v for k, (_, v) in book.items()}
+            link.synced_with = book
 
         query = SETTINGS_SQL
         if self.custom_names:

@@ -244,6 +244,7 @@ class Worker:
         (a RESET inside a failed transaction). Returns False if nothing was sent.
         """
         applied = link.applied
+        link.synced_with = None if force else settings
         if force:
             sets = list(settings.values())
             resets: list[str] = []
@@ -268,6 +269,7 @@ class Worker:
         def done(ok: bool) -> None:
             if not ok:
                 link.applied = before
+                link.synced_with = None
             if on_done is not None:
                 on_done(ok)
 
