@@ -40,6 +40,8 @@ class LeaseManager:
         # fair shares never give one user more, so more would only be bookkeeping.
         self.requests_of: dict[Key, dict[int, None]] = {}
         self.max_requests = max(1, worker.cfg.pool_size)
+        # Leases granted whose socket is being set up: they will serve a waiter too.
+        self.adopting: dict[Key, int] = {}
         self.held: set[BackendLink] = set()  # every live link this worker holds
         self._req_ids = itertools.count(1)
         # Backends the pooler asked us to give back as they come free, per pool (another
@@ -192,15 +194,18 @@ class LeaseManager:
                 mine.pop(rid, None)
         return key
 
+    def _wanted(self, key: Key) -> int:
+        """Requests ``key`` should have out: one per waiting session (up to the pool's
+        size), less the granted leases still being set up."""
+        return min(len(self.waiters.get(key) or ()), self.max_requests) - self.adopting.get(key, 0)
+
     def _top_up(self, key: Key) -> None:
-        """Keep min(waiting sessions, pool size) requests out for ``key``."""
-        want = min(len(self.waiters.get(key) or ()), self.max_requests)
-        for _ in range(want - len(self.requests_of.get(key) or ())):
+        for _ in range(self._wanted(key) - len(self.requests_of.get(key) or ())):
             self._request(key)
 
     def _trim_requests(self, key: Key) -> None:
         """Withdraw lease requests that no waiting session needs any more."""
-        want = min(len(self.waiters.get(key) or ()), self.max_requests)
+        want = max(0, self._wanted(key))
         mine = self.requests_of.get(key)
         if not mine or len(mine) <= want:
             return
@@ -236,6 +241,7 @@ class LeaseManager:
             key = (str(msg.get("db", "")), str(msg.get("user", "")))
         if not fds:
             return
+        self.adopting[key] = self.adopting.get(key, 0) + 1
         self.worker.spawn(self._adopt(msg, fds[0], key))
         for extra in fds[1:]:
             os.close(extra)
@@ -246,14 +252,23 @@ class LeaseManager:
         try:
             await self.loop.create_unix_connection(lambda: link, sock=sock)
         except Exception:
+            self._adopted(key)
             sock.close()
             self.worker.pooler.send({"op": "release", "id": link.id, "state": "dead"})
             if self.waiters.get(key):
                 self._request(key)
             return
+        self._adopted(key)
         self.held.add(link)
         self.put_back(link, fresh=True)
         self._top_up(key)
+
+    def _adopted(self, key: Key) -> None:
+        n = self.adopting.get(key, 0) - 1
+        if n > 0:
+            self.adopting[key] = n
+        else:
+            self.adopting.pop(key, None)
 
     def on_lease_failed(self, msg: dict) -> None:
         key = self._answered(int(msg["req"]))

@@ -264,8 +264,16 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
                 self._encryption_request(isinstance(msg, fe.SSLRequest))
                 continue
             if isinstance(msg, fe.CancelRequest):
-                self.worker.cancel_client(msg.pid, msg.secret)
-                self.close()
+                # As Postgres: the connection closes once the backend has been signalled,
+                # so a client that cancels and then sends its next query is not hit late.
+                task = self.worker.cancel_client(msg.pid, msg.secret)
+                if task is None:
+                    self.close()
+                else:
+                    self.phase = CLOSED  # nothing more is read from this connection
+                    transport = self.transport
+                    task.add_done_callback(lambda _t, tr=transport: tr.close())
+                    self.connection_lost(None)
                 return
             rest = sf.remaining()
             self.startup_framer = None

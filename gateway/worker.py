@@ -166,20 +166,21 @@ class Worker:
         self.cancel_table.release(slot)
         self.free_slots.append(slot)
 
-    def cancel_client(self, client_pid: int, secret: int) -> None:
+    def cancel_client(self, client_pid: int, secret: int) -> asyncio.Task | None:
         """A CancelRequest arrived: cancel whatever backend serves that client right now,
         or, if it is waiting for a backend, its queued statement (in the worker that
-        owns it: through the pooler if that is another one)."""
+        owns it: through the pooler if that is another one). Returns the task that
+        signals the backend, if there is one."""
         target = self.cancel_table.lookup(client_pid, secret)
         if target is not None:
-            self.send_cancel(*target)
-            return
+            return self.send_cancel(*target)
         owner = self.cancel_table.owner_of(client_pid, self.cfg.workers)
         if owner == self.index:
             self.cancel_waiting(client_pid, secret)
         elif owner is not None:
             self.pooler.send({"op": "cancel_client", "worker": owner, "pid": client_pid,
                               "secret": secret})
+        return None
 
     def cancel_waiting(self, client_pid: int, secret: int) -> None:
         for session in self.sessions:
