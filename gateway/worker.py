@@ -9,7 +9,6 @@ import os
 import resource
 import signal
 import socket
-import time
 from collections import OrderedDict
 
 import orjson
@@ -31,10 +30,6 @@ log = logging.getLogger("pgfleet.gateway")
 
 STATUS_CACHE_SIZE = 1024
 STATEMENT_NAMES_MAX = 16384
-# How long a worker reuses the role facts the pooler gave it for a login (the pooler
-# itself refetches them from pg_authid every few seconds).
-AUTH_REUSE_SECONDS = 1.0
-AUTH_REUSE_MAX = 4096
 
 
 class PoolerClient:
@@ -45,7 +40,6 @@ class PoolerClient:
         self.channel = channel
         self._ids = itertools.count(1)
         self._calls: dict[int, asyncio.Future] = {}
-        self._auth_seen: dict[tuple[str, str, str], tuple[float, dict]] = {}
         channel.on_message = self.on_message
         channel.on_close = self.on_close
 
@@ -64,29 +58,12 @@ class PoolerClient:
 
     async def auth(self, user: str, database: str, skey: str) -> dict:
         """Role facts for a login, and the startup status report if the pooler knows
-        it for these settings (``skey``). Kept for AUTH_REUSE_SECONDS, so that a burst of
-        logins of one role costs one IPC round trip, not one each."""
-        key = (user, database, skey)
-        now = time.monotonic()
-        hit = self._auth_seen.get(key)
-        if hit is not None and now - hit[0] < AUTH_REUSE_SECONDS:
-            return hit[1]
-        info = await self.call({"op": "auth", "user": user, "db": database, "skey": skey})
-        if "error" not in info:
-            if len(self._auth_seen) >= AUTH_REUSE_MAX:
-                self._auth_seen.clear()
-            self._auth_seen[key] = (now, info)
-        return info
+        it for these settings (``skey``). Asked every time: the pooler's cache is the
+        one place a refused login refreshes, for every worker at once."""
+        return await self.call({"op": "auth", "user": user, "db": database, "skey": skey})
 
     def invalidate(self, user: str) -> None:
-        """A login of ``user`` failed: what we know of the role may be stale."""
-        for key in [k for k in self._auth_seen if k[0] == user]:
-            del self._auth_seen[key]
         self.send({"op": "invalidate", "user": user})
-
-    def forget(self, database: str, user: str) -> None:
-        for key in [k for k in self._auth_seen if k[0] == user and k[1] == database]:
-            del self._auth_seen[key]
 
     def on_message(self, msg: dict, fds: list[int]) -> None:
         op = msg.get("op")
@@ -97,7 +74,6 @@ class PoolerClient:
             leases.on_lease_failed(msg)
         elif op == "defaults_changed":
             key = (str(msg["db"]), str(msg["user"]))
-            self.forget(*key)
             self.worker.forget_status(key)
             leases.retire(key)
         elif op == "vacate":
