@@ -191,13 +191,7 @@ class CancelTable:
     def serve(self, slot: int, client_secret: int, backend_pid: int, backend_secret: int) -> None:
         """set_backend for the owning worker's hot path: it passes its client's secret
         and values it already knows to be valid (no checks, no read-back)."""
-        off = _HEADER_SIZE + slot * _SLOT_SIZE
-        shm_map = self._map
-        (seq,) = _SEQ.unpack_from(shm_map, off)
-        odd = (seq + 1 if seq % 2 == 0 else seq + 2) & _U32
-        _SEQ.pack_into(shm_map, off, odd)
-        _FIELDS.pack_into(shm_map, off + 4, client_secret, backend_pid, backend_secret)
-        _SEQ.pack_into(shm_map, off, (odd + 1) & _U32)
+        self._write(slot, client_secret, backend_pid, backend_secret)
 
     def release(self, slot: int) -> None:
         """Free the slot."""
