@@ -71,7 +71,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         "unnamed_sets", "unnamed_token", "skip_until_sync", "unsynced", "slot", "client_pid",
         "client_secret", "paused_backend", "listen", "stmt_listen", "unnamed_listen",
         "portal_listen", "held", "ssl_done", "gss_done", "tls_in_use", "handshaking",
-        "tls_task", "corked",
+        "tls_task", "corked", "stmt_prepares", "unnamed_prepare", "portal_prepare",
     )
 
     def __init__(self, worker: Worker) -> None:
@@ -139,6 +139,11 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         self.stmt_listen: dict[bytes, tuple[tuple[str, bytes | None], ...]] = {}
         self.unnamed_listen: tuple[tuple[str, bytes | None], ...] = ()
         self.portal_listen: tuple[tuple[str, bytes | None], ...] = ()
+        # SQL PREPAREs sent through Parse: (client name, backend name, PREPARE query),
+        # per protocol statement (and the unnamed one), and for the bound portal.
+        self.stmt_prepares: dict[bytes, tuple[bytes, bytes, bytes]] = {}
+        self.unnamed_prepare: tuple[bytes, bytes, bytes] | None = None
+        self.portal_prepare: tuple[bytes, bytes, bytes] | None = None
         self.held: deque[tuple[int, bytes, bytes]] | None = None
         # Encryption negotiation, as Postgres: one SSLRequest, one GSSENCRequest (refused),
         # in either order, none after TLS started.
@@ -603,6 +608,13 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
                 self.pin_epoch += 1
                 self.pin_check = True
             self.portal_listen = self.stmt_listen.get(name, ()) if name else self.unnamed_listen
+            prep = self.stmt_prepares.get(name) if name else self.unnamed_prepare
+            self.portal_prepare = prep
+            if prep is not None and prep[0] in self.sql_stmts:
+                shown = prep[0].decode("utf-8", "replace")
+                self._synth_error(link, sqlstate.DUPLICATE_PREPARED_STATEMENT,
+                                  f'prepared statement "{shown}" already exists')
+                return
             dep = self.sql_deps.get(name) if name else self.unnamed_dep
             if dep is not None and dep in self.sql_stmts:
                 self._ensure_sql_prepared_extended(link, dep)
@@ -637,7 +649,10 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
                 raise ProtocolViolation(f"invalid DESCRIBE message subtype {payload[:1]!r}")
         elif mtype == E:
             ops = self.portal_listen
-            link.send(K_EXEC, raw, on_done=self._listen_sent(link, ops) if ops else None)
+            on_done = self._listen_sent(link, ops) if ops else None
+            if self.portal_prepare is not None:
+                on_done = self._prepared_by_execute(link, self.portal_prepare, on_done)
+            link.send(K_EXEC, raw, on_done=on_done)
         elif mtype == S:
             self.skip_until_sync = self.unsynced = False
             link.send(K_SYNC, raw)
@@ -655,6 +670,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
                 # Other sessions may share the backend statement: only our name goes.
                 self.stmts.pop(name, None)
                 self.stmt_listen.pop(name, None)
+                self.stmt_prepares.pop(name, None)
                 link.push_synth(be.CLOSE_COMPLETE)
                 return
             if kind == b"S":

@@ -10,6 +10,8 @@ prepares them again on a backend that lacks them. SQL-level statements are renam
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from pgwire import backend as be
@@ -51,6 +53,7 @@ class StatementBook:
         self.stmts[name] = (bname, msg(P, bname + b"\x00" + body))
         self.stmt_pins.pop(name, None)
         self.sql_deps.pop(name, None)
+        self.stmt_prepares.pop(name, None)
         if fx.listen:
             self.stmt_listen[name] = fx.listen
         else:
@@ -151,6 +154,27 @@ class StatementBook:
         qe = cstr_end(body, 0)
         query = body[:qe]
         fx = effects(query)
+        prep = None
+        if fx.pin == "sql_prepare":
+            cmd = sql_prepare.parse(query)
+            if cmd is not None and cmd.kind == "prepare":
+                # SQL PREPARE through the extended protocol (JDBC's Statement.execute):
+                # renamed for this session and booked once its Execute works, as the
+                # same statement in a simple Query is, so it does not pin.
+                sql_bname = self.worker.sql_statement_name()
+                query = query[: cmd.start] + sql_bname + query[cmd.end :]
+                body = query + body[qe:]
+                payload = name + b"\x00" + body
+                raw = msg(P, payload)
+                prep = (cmd.name, sql_bname, msg(Q, query + b"\x00"))
+                fx = replace(fx, pin=None)
+        if name:
+            if prep is None:
+                self.stmt_prepares.pop(name, None)
+            else:
+                self.stmt_prepares[name] = prep
+        else:
+            self.unnamed_prepare = prep
         self._note_pins(fx)
         if fx.vacates:
             self.worker.vacate(fx.vacates)
@@ -245,6 +269,21 @@ class StatementBook:
             link.prepared.add(bname)
             link.expect(K_PARSE, on_done=parsed_named)
             link.write(entry[1])
+
+    def _prepared_by_execute(self, link: BackendLink, prep: tuple[bytes, bytes, bytes],
+                             then: Callable[[bool], None] | None) -> Callable[[bool], None]:
+        """The on_done of an Execute that runs a renamed SQL PREPARE: book it once it
+        worked (PREPARE is not undone by a rollback, in Postgres either)."""
+        name, bname, prepare_raw = prep
+
+        def done(ok: bool) -> None:
+            if then is not None:
+                then(ok)
+            if ok:
+                self.sql_stmts[name] = (bname, prepare_raw)
+                link.prepared.add(bname)
+
+        return done
 
     def _backend_stmt(self, link: BackendLink, name: bytes) -> bytes | None:
         """Backend name for our statement ``name``, prepared there first if need be."""

@@ -5,6 +5,10 @@ from __future__ import annotations
 import psycopg
 import pytest
 
+from pgwire import frontend as fe
+
+from .wire import RawClient, data_rows, errors_in
+
 
 @pytest.fixture(scope="module")
 def one_backend(make_module_server):
@@ -78,3 +82,41 @@ def test_sql_prepare_does_not_pin(one_backend):
     finally:
         a.close()
         b.close()
+
+
+def test_prepare_through_the_extended_protocol_does_not_pin(one_backend):
+    """JDBC's Statement.execute sends SQL PREPARE as Parse/Bind/Execute (psycopg does with
+    prepare=True): renamed and booked as in a simple Query, it shares the backend."""
+    a = psycopg.connect(one_backend.dsn(), autocommit=True, connect_timeout=10)
+    b = psycopg.connect(one_backend.dsn(), autocommit=True, connect_timeout=10)
+    try:
+        a.execute("prepare ext_held(int) as select $1 * 2", prepare=True)
+        b.execute("prepare ext_held(int) as select $1 * 3", prepare=True)  # same name, own book
+        assert b.execute("select 'b runs'").fetchone() == ("b runs",)  # a is not pinned
+        assert a.execute("execute ext_held(21)").fetchone() == (42,)
+        assert b.execute("execute ext_held(21)").fetchone() == (63,)
+        with pytest.raises(psycopg.errors.DuplicatePreparedStatement):
+            a.execute("prepare ext_held(int) as select $1", prepare=True)
+        a.execute("deallocate ext_held")
+        with pytest.raises(psycopg.errors.InvalidSqlStatementName):
+            a.execute("execute ext_held(1)")
+        assert b.execute("execute ext_held(1)").fetchone() == (3,)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_prepare_in_the_unnamed_statement_as_jdbc_sends_it(one_backend):
+    c = RawClient(one_backend.port)
+    other = psycopg.connect(one_backend.dsn(), autocommit=True, connect_timeout=10)
+    try:
+        c.login_scram()
+        c.send(fe.encode_parse("", "PREPARE jdbc_p AS SELECT 7") + fe.encode_bind("", "", [])
+               + fe.encode_execute("", 0) + fe.SYNC)
+        msgs = c.read_until_ready()
+        assert not errors_in(msgs), msgs
+        assert other.execute("select 'not pinned'").fetchone() == ("not pinned",)
+        assert data_rows(c.query("EXECUTE jdbc_p")) == [[b"7"]]
+    finally:
+        c.close()
+        other.close()
