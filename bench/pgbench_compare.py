@@ -375,8 +375,9 @@ def parse_pgbench(out: str) -> dict:
 
 
 def run_pgbench(target: str, mode: str, conn: dict, args: argparse.Namespace, clients: int,
-                churn: bool, cpu_roots: dict) -> dict:
-    cmd = ["pgbench", "-S", "-n", "-c", str(clients), "-j", str(min(args.threads, clients)),
+                churn: bool, cpu_roots: dict, workload: str = "select-only") -> dict:
+    script = ["-S"] if workload == "select-only" else ["-b", "tpcb-like"]
+    cmd = ["pgbench", *script, "-n", "-c", str(clients), "-j", str(min(args.threads, clients)),
            "-T", str(args.duration), "-M", mode, "-P", "1"]
     if churn:
         cmd.append("-C")
@@ -384,7 +385,7 @@ def run_pgbench(target: str, mode: str, conn: dict, args: argparse.Namespace, cl
     # Plain TCP for all three (PgBouncer here has no TLS; pgfleet offers it by default).
     env = dict(os.environ, PGPASSWORD=conn["password"], PGCONNECT_TIMEOUT="10",
                PGAPPNAME="pgbench-compare", PGSSLMODE="disable")
-    label = f"{target:<9} {mode:<8}{' -C' if churn else ''}"
+    label = f"{target:<9} {workload:<11} {clients:>3} {mode:<8}{' -C' if churn else ''}"
     log(f"run {label}: {' '.join(cmd)}")
 
     def sample() -> dict:
@@ -469,21 +470,23 @@ def summarise(runs: list[dict]) -> list[dict]:
     """One row per (target, mode, churn): medians across rounds, ratios to direct/pgbouncer."""
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
-        groups.setdefault((r["mode"], r["churn"], r["target"]), []).append(r)
+        groups.setdefault((r.get("workload", "select-only"), r["clients"], r["mode"], r["churn"],
+                           r["target"]), []).append(r)
 
     def med(values: list) -> float | None:
         values = [v for v in values if v is not None]
         return statistics.median(values) if values else None
 
     rows = []
-    for (mode, churn, target), rs in groups.items():
+    for (workload, clients, mode, churn, target), rs in groups.items():
         oks = [r for r in rs if r["status"] == "ok"]
         use = oks or rs
         rows.append({
             "target": target,
+            "workload": workload,
             "mode": mode + (" -C" if churn else ""),
             "churn": churn,
-            "clients": rs[0]["clients"],
+            "clients": clients,
             "rounds": len(rs),
             "status": "ok" if len(oks) == len(rs) else
                       ",".join(sorted({r["status"] for r in rs if r["status"] != "ok"})),
@@ -501,14 +504,16 @@ def summarise(runs: list[dict]) -> list[dict]:
             "other_cpu_pct": med([100 * r["cpu_s"]["other"] / r["cpu_s"]["machine_capacity"]
                                   for r in use if r["cpu_s"]["machine_capacity"]]),
         })
-    by_key = {(r["mode"], r["target"]): r for r in rows}
+    by_key = {(r["workload"], r["clients"], r["mode"], r["target"]): r for r in rows}
     for r in rows:
         for ref in ("direct", "pgbouncer"):
-            base = by_key.get((r["mode"], ref))
+            base = by_key.get((r["workload"], r["clients"], r["mode"], ref))
             ok = r["tps"] is not None and base is not None and base["tps"]
             r[f"vs_{ref}"] = round(r["tps"] / base["tps"], 3) if ok else None
     order = {t: i for i, t in enumerate(TARGETS)}
-    rows.sort(key=lambda r: (r["churn"], MODES.index(r["mode"].split()[0]), order[r["target"]]))
+    rows.sort(key=lambda r: (r["churn"], r["workload"] != "select-only", r["workload"],
+                             r["clients"], MODES.index(r["mode"].split()[0]),
+                             order[r["target"]]))
     return rows
 
 
@@ -516,12 +521,12 @@ def format_table(rows: list[dict]) -> str:
     def f(v, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
-    head = ["target", "mode", "clients", "tps", "lat avg ms", "vs direct", "vs pgbouncer",
+    head = ["target", "workload", "mode", "clients", "tps", "lat avg ms", "vs direct", "vs pgbouncer",
             "min 1s tps", "pooler CPU us/txn", "pg CPU us/txn", "other CPU %", "status"]
     lines = []
     for r in rows:
         lines.append([
-            r["target"], r["mode"], str(r["clients"]), f(r["tps"], ".0f"),
+            r["target"], r["workload"], r["mode"], str(r["clients"]), f(r["tps"], ".0f"),
             f(r["latency_avg_ms"], ".3f"), f(r["vs_direct"], ".2f"), f(r["vs_pgbouncer"], ".2f"),
             f(r["min_1s_tps"], ".0f"), f(r["pooler_cpu_us_per_txn"], ".1f"),
             f(r["postgres_cpu_us_per_txn"], ".1f"), f(r["other_cpu_pct"], ".0f"),
@@ -529,7 +534,7 @@ def format_table(rows: list[dict]) -> str:
                                                     f"{r['error_lines']} error lines)",
         ])
     widths = [max(len(h), *(len(row[i]) for row in lines)) for i, h in enumerate(head)]
-    numeric = {2, 3, 4, 5, 6, 7, 8, 9, 10}
+    numeric = {3, 4, 5, 6, 7, 8, 9, 10, 11}
 
     def fmt_row(cells: list[str]) -> str:
         out = []
@@ -575,8 +580,11 @@ def machine_info(pg_version: str) -> dict:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.pgbench_compare",
-        description="pgbench -S throughput: direct Postgres vs PgBouncer vs pgfleet, one run.")
-    p.add_argument("--clients", type=int, default=50, help="pgbench clients (-c)")
+        description="pgbench throughput: direct Postgres vs PgBouncer vs pgfleet, one run.")
+    p.add_argument("--clients", default="50",
+                   help="comma-separated pgbench client counts (-c), e.g. 10,50,200")
+    p.add_argument("--workloads", default="select-only",
+                   help="comma-separated: select-only (pgbench -S), tpcb (-b tpcb-like)")
     p.add_argument("--threads", type=int, default=2, help="pgbench threads (-j)")
     p.add_argument("--duration", type=int, default=15, help="seconds per pgbench run (-T)")
     p.add_argument("--modes", default="simple,extended",
@@ -596,10 +604,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, data)")
     a = p.parse_args(argv)
     a.modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    try:
+        a.clients = [int(c) for c in str(a.clients).split(",") if c.strip()]
+    except ValueError:
+        p.error("--clients: whole numbers, comma-separated")
+    a.workloads = [w.strip() for w in a.workloads.split(",") if w.strip()]
+    if not a.workloads or any(w not in ("select-only", "tpcb") for w in a.workloads):
+        p.error("--workloads: choose from select-only, tpcb")
+    if not a.clients or min(a.clients) < 1:
+        p.error("--clients must be at least 1")
     bad = [m for m in a.modes if m not in MODES]
     if bad or not a.modes:
         p.error(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
-    for name in ("clients", "threads", "duration", "pool_size", "scale", "rounds"):
+    for name in ("threads", "duration", "pool_size", "scale", "rounds"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     return a
@@ -653,9 +670,9 @@ def main(argv: list[str] | None = None) -> int:
         bouncer.start(verifier, password)
         log(f"pgbouncer is up on 127.0.0.1:{bouncer.port} (pid {bouncer.proc.pid})")
 
-        needed = args.clients + 2 * args.pool_size
+        needed = max(args.clients) + 2 * args.pool_size
         if needed > max_conn:
-            notes.append(f"warning: direct runs use {args.clients} backends while pgfleet and "
+            notes.append(f"warning: direct runs use {max(args.clients)} backends while pgfleet and "
                          f"PgBouncer may each hold {args.pool_size}; Postgres max_connections "
                          f"is {max_conn}, so direct runs may fail to connect")
         notes.append("direct = Postgres's Unix socket with trust auth (the embedded Postgres has "
@@ -682,11 +699,15 @@ def main(argv: list[str] | None = None) -> int:
             "pgfleet": {"host": "127.0.0.1", "port": fleet.port, "password": password},
         }
         for rnd in range(args.rounds):
-            for mode in args.modes:
-                for target in TARGETS:
-                    r = run_pgbench(target, mode, conns[target], args, args.clients, False, cpu_roots)
-                    r["round"] = rnd
-                    runs.append(r)
+            for workload in args.workloads:
+                for clients in args.clients:
+                    for mode in args.modes:
+                        for target in TARGETS:
+                            r = run_pgbench(target, mode, conns[target], args, clients, False,
+                                            cpu_roots, workload)
+                            r["round"] = rnd
+                            r["workload"] = workload
+                            runs.append(r)
             if args.churn:
                 for target in TARGETS:
                     r = run_pgbench(target, "simple", conns[target], args, args.churn_clients,
@@ -720,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = summarise(runs)
         table = format_table(rows)
         print()
-        print(f"pgbench -S (select-only), {args.clients} clients, -j {args.threads}, "
+        print(f"pgbench ({', '.join(args.workloads)}), clients {args.clients}, -j {args.threads}, "
               f"{args.duration}s per run, scale {args.scale}, pool size {args.pool_size}, "
               f"{info.get('nproc')} CPUs")
         print(table)
