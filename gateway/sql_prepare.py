@@ -57,9 +57,3 @@ def parse(sql: bytes) -> SqlPrepareCommand | None:
             return None
         return SqlPrepareCommand(kind, name, m.start(2), m.end(2))
     return None
-
-
-def mentions_prepared(sql: bytes) -> bool:
-    """True if ``sql`` may use SQL prepared statements in a form we do not rewrite."""
-    low = sql.lower()
-    return b"prepare" in low or b"execute" in low or b"deallocate" in low

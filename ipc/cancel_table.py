@@ -31,9 +31,8 @@ import os
 import secrets
 import struct
 
-import posix_ipc
-
 from .codec import IpcError
+from .shm import create_segment, map_segment, segment_name, unlink_segment
 
 __all__ = ["CLIENT_PID_BASE", "CancelTable", "new_secret"]
 
@@ -67,10 +66,6 @@ def _u32(value: int, what: str) -> int:
     return value & _U32
 
 
-def _normalize_name(name: str) -> str:
-    return name if name.startswith("/") else "/" + name
-
-
 class CancelTable:
     """Shared table mapping client (pid, secret) to the backend serving that client."""
 
@@ -87,35 +82,17 @@ class CancelTable:
         """Create a zero-filled table (replacing a stale one of the same name)."""
         if not 0 < slots <= _MAX_SLOTS:
             raise ValueError(f"slots must be in 1..{_MAX_SLOTS}, got {slots}")
-        name = _normalize_name(name)
-        try:
-            posix_ipc.unlink_shared_memory(name)
-        except posix_ipc.ExistentialError:
-            pass
-        size = _HEADER_SIZE + slots * _SLOT_SIZE
-        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
-        try:
-            shm_map = mmap.mmap(shm.fd, size)
-        except BaseException:
-            shm.close_fd()
-            posix_ipc.unlink_shared_memory(name)
-            raise
-        shm.close_fd()
+        name = segment_name(name)
+        shm_map = create_segment(name, _HEADER_SIZE + slots * _SLOT_SIZE)
         _HEADER.pack_into(shm_map, 0, _MAGIC, _VERSION, slots, _SLOT_SIZE)
         return cls(name, shm_map, slots)
 
     @classmethod
     def attach(cls, name: str) -> CancelTable:
         """Map an existing table (workers, after fork or exec)."""
-        name = _normalize_name(name)
-        shm = posix_ipc.SharedMemory(name)
-        try:
-            size = shm.size
-            if size < _HEADER_SIZE:
-                raise IpcError(f"cancel table {name}: too small ({size} bytes)")
-            shm_map = mmap.mmap(shm.fd, size)
-        finally:
-            shm.close_fd()
+        name = segment_name(name)
+        shm_map = map_segment(name, _HEADER_SIZE, "cancel table")
+        size = len(shm_map)
         magic, version, slots, slot_size = _HEADER.unpack_from(shm_map, 0)
         if (
             magic != _MAGIC
@@ -135,10 +112,7 @@ class CancelTable:
 
     def unlink(self) -> None:
         """Remove the shared memory name (existing mappings stay valid). Idempotent."""
-        try:
-            posix_ipc.unlink_shared_memory(self.name)
-        except posix_ipc.ExistentialError:
-            pass
+        unlink_segment(self.name)
 
     def __enter__(self) -> CancelTable:
         return self

@@ -38,6 +38,7 @@ from array import array
 import posix_ipc
 
 from .codec import IpcError
+from .shm import create_segment, map_segment, segment_name, unlink_segment
 
 __all__ = [
     "HASHED_KEY", "MAX_PREPARED_PER_BACKEND", "SQL_KEY", "StatementCatalog", "backend_name",
@@ -108,10 +109,6 @@ def key_of_name(name: bytes) -> int | None:
     return None
 
 
-def _normalize(name: str) -> str:
-    return name if name.startswith("/") else "/" + name
-
-
 class StatementCatalog:
     """The shared catalog and the per-backend prepared sets (see the module docstring)."""
 
@@ -136,14 +133,9 @@ class StatementCatalog:
         """Create an empty catalog (replacing a stale one of the same name)."""
         if capacity < 1 or slots < 1 or slot_capacity < 1:
             raise ValueError("capacity, slots and slot capacity must be positive")
-        name = _normalize(name)
+        name = segment_name(name)
         cls._unlink(name)
-        size = cls._size(capacity, slots, slot_capacity)
-        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
-        try:
-            shm_map = mmap.mmap(shm.fd, size)
-        finally:
-            shm.close_fd()
+        shm_map = create_segment(name, cls._size(capacity, slots, slot_capacity))
         _HEADER.pack_into(shm_map, 0, _MAGIC, _VERSION, capacity, slots, slot_capacity, 0)
         lock = posix_ipc.Semaphore(name + "-lock", posix_ipc.O_CREX, mode=0o600, initial_value=1)
         return cls(name, shm_map, lock)
@@ -151,12 +143,8 @@ class StatementCatalog:
     @classmethod
     def attach(cls, name: str) -> StatementCatalog:
         """Map an existing catalog (the pooler and the workers)."""
-        name = _normalize(name)
-        shm = posix_ipc.SharedMemory(name)
-        try:
-            shm_map = mmap.mmap(shm.fd, shm.size)
-        finally:
-            shm.close_fd()
+        name = segment_name(name)
+        shm_map = map_segment(name, _HEADER_SIZE, "statement catalog")
         magic, version, capacity, slots, slot_capacity, _used = _HEADER.unpack_from(shm_map, 0)
         if (
             magic != _MAGIC
@@ -169,14 +157,11 @@ class StatementCatalog:
 
     @staticmethod
     def _unlink(name: str) -> None:
-        for unlink in (
-            lambda: posix_ipc.unlink_shared_memory(name),
-            lambda: posix_ipc.unlink_semaphore(name + "-lock"),
-        ):
-            try:
-                unlink()
-            except posix_ipc.ExistentialError:
-                pass
+        unlink_segment(name)
+        try:
+            posix_ipc.unlink_semaphore(name + "-lock")
+        except posix_ipc.ExistentialError:
+            pass
 
     def unlink(self) -> None:
         """Remove the names (existing mappings stay valid). Idempotent."""
