@@ -32,7 +32,7 @@ import secrets
 import struct
 
 from .codec import IpcError
-from .shm import create_segment, map_segment, segment_name, unlink_segment
+from .shm import create_segment, map_segment, segment_name, store_u32, unlink_segment
 
 __all__ = ["CLIENT_PID_BASE", "CancelTable", "new_secret"]
 
@@ -231,9 +231,9 @@ class CancelTable:
         # Odd = write in progress. A writer that died mid-update may have left it
         # odd already; bump past it either way.
         odd = (seq + 1 if seq % 2 == 0 else seq + 2) & _U32
-        _SEQ.pack_into(shm_map, off, odd)
+        store_u32(shm_map, off, odd)
         _FIELDS.pack_into(shm_map, off + 4, client_secret, backend_pid, backend_secret)
-        _SEQ.pack_into(shm_map, off, (odd + 1) & _U32)
+        store_u32(shm_map, off, (odd + 1) & _U32)
 
     def _read(self, slot: int) -> tuple[int, int, int] | None:
         off = self._offset(slot)

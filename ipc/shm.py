@@ -37,6 +37,13 @@ def create_segment(name: str, size: int) -> mmap.mmap:
         shm.close_fd()
 
 
+def store_u32(buf: mmap.mmap, offset: int, value: int) -> None:
+    """Store a little-endian u32 with one copy. ``Struct.pack_into`` zeroes its target
+    before packing, so a reader in another process could see 0 in between: a seqlock
+    word read as 0 twice around a torn write would look consistent."""
+    buf[offset : offset + 4] = value.to_bytes(4, "little")
+
+
 def map_segment(name: str, min_size: int, what: str) -> mmap.mmap:
     """Map an existing segment whole (after fork or exec); IpcError if it is smaller
     than ``min_size`` (its header)."""

@@ -38,7 +38,7 @@ from array import array
 import posix_ipc
 
 from .codec import IpcError
-from .shm import create_segment, map_segment, segment_name, unlink_segment
+from .shm import create_segment, map_segment, segment_name, store_u32, unlink_segment
 
 __all__ = [
     "HASHED_KEY", "MAX_PREPARED_PER_BACKEND", "SQL_KEY", "StatementCatalog", "backend_name",
@@ -208,8 +208,8 @@ class StatementCatalog:
                 return hashed_key(digest)
             off = self._entries_off + i * _ENTRY_SIZE
             self._map[off : off + _DIGEST] = digest
-            _U32.pack_into(self._map, off + _DIGEST, _STATE_ASSIGNED)  # publishes the entry
-            _U32.pack_into(self._map, _USED_OFF, self.used + 1)
+            store_u32(self._map, off + _DIGEST, _STATE_ASSIGNED)  # publishes the entry
+            store_u32(self._map, _USED_OFF, self.used + 1)
             return i + 1
         finally:
             self._release()
@@ -218,7 +218,7 @@ class StatementCatalog:
         """Postgres accepted this statement once: another worker may answer its Parse
         before it has a backend (the text is valid; it is prepared when first used)."""
         if not key & HASHED_KEY and 0 < key <= self.capacity:
-            _U32.pack_into(self._map, self._entries_off + (key - 1) * _ENTRY_SIZE + _DIGEST,
+            store_u32(self._map, self._entries_off + (key - 1) * _ENTRY_SIZE + _DIGEST,
                            _STATE_PARSED)
 
     def parsed(self, key: int) -> bool:
@@ -235,15 +235,15 @@ class StatementCatalog:
             except posix_ipc.BusyError:
                 holder = _U32.unpack_from(self._map, _LOCK_PID_OFF)[0]
                 if holder and not _alive(holder):
-                    _U32.pack_into(self._map, _LOCK_PID_OFF, 0)
+                    store_u32(self._map, _LOCK_PID_OFF, 0)
                     self._lock.release()
                 continue
-            _U32.pack_into(self._map, _LOCK_PID_OFF, os.getpid())
+            store_u32(self._map, _LOCK_PID_OFF, os.getpid())
             return True
         return False
 
     def _release(self) -> None:
-        _U32.pack_into(self._map, _LOCK_PID_OFF, 0)
+        store_u32(self._map, _LOCK_PID_OFF, 0)
         self._lock.release()
 
     # -- per-backend sets -------------------------------------------------------------------
@@ -266,11 +266,11 @@ class StatementCatalog:
         keys = keys[-self.slot_capacity :]
         data = array("Q", keys).tobytes()
         self._map[off + 8 : off + 8 + len(data)] = data
-        _U32.pack_into(self._map, off, len(keys))
+        store_u32(self._map, off, len(keys))
 
     def clear(self, slot: int) -> None:
         """Nothing is prepared on the backend in ``slot`` (new, or after DISCARD ALL)."""
-        _U32.pack_into(self._map, self._slot_off(slot), 0)
+        store_u32(self._map, self._slot_off(slot), 0)
 
 
 def _alive(pid: int) -> bool:
