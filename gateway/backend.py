@@ -39,6 +39,7 @@ E, Z, T, n_ = ord("E"), ord("Z"), ord("T"), ord("n")
 
 _PASS = frozenset(b"TDCNI")  # RowDescription, DataRow, CommandComplete, Notice, EmptyQuery
 _LEN = struct.Struct("!I")
+_Z_HEAD = b"Z\x00\x00\x00\x05"  # ReadyForQuery, all but its status byte
 
 
 def _pass_through(data: bytes) -> int:
@@ -258,6 +259,14 @@ class BackendLink(asyncio.Protocol):
 
     # -- replies ----------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        queue = self.queue
+        if (
+            len(queue) == 1
+            and data[-6:-1] == _Z_HEAD
+            and self.session is not None
+            and self._quick_reply(data, queue[0])
+        ):
+            return
         framer = self.framer
         out = self._client_out
         queue = self.queue
@@ -308,6 +317,30 @@ class BackendLink(asyncio.Protocol):
                 self.idle_waiter.set_result(None)
         elif self.fatal is not None or self.dead:
             self.manager.link_lost(self)
+
+    def _quick_reply(self, data: bytes, head: Expect) -> bool:
+        """The steady state: the whole answer to a client's simple Query in one read,
+        rows and ReadyForQuery, goes to the client as it came, in one write."""
+        session = self.session
+        if (
+            head.kind != K_QUERY
+            or head.swallow
+            or head.rows is not None
+            or head.on_done is not None
+            or head.hold_z
+            or self.copy_in
+            or self.draining
+            or session.listen is not None
+            or self.framer.buffered()
+            or self._client_out
+            or _pass_through(data) != len(data) - 6
+        ):
+            return False
+        self.queue.popleft()
+        self.status = chr(data[-1])
+        session.write_client(data)
+        session.backend_progress(self)
+        return True
 
     def _route(self, mtype: int, payload: bytes, raw: bytes, out: list[bytes]) -> None:
         queue = self.queue

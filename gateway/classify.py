@@ -325,18 +325,39 @@ class Effects:
 
 PLAIN = Effects()
 # A statement mentioning none of these does nothing to its session beyond its result.
-_ANY_EFFECT = (b"set", b"prepare", b"listen", b"load", b"hold", b"temp", b"advisory",
-               b"discard", b"execute", b"deallocate", b"database", *_MIGHT_UNPIN)
+_ANY_EFFECT = tuple(dict.fromkeys((
+    b"set", b"prepare", b"listen", b"load", b"hold", b"temp", b"advisory", b"discard",
+    b"execute", b"deallocate", b"database", *_MIGHT_UNPIN)))
+# Lower-case while dropping digits, in one pass: texts that differ only in their numbers
+# (most generated queries) share one shape. No keyword above has a digit, so a shape
+# without keywords comes from a text without them.
+_SHAPE_TABLE = bytes.maketrans(bytes(range(65, 91)), bytes(range(97, 123)))
+_DIGITS = b"0123456789"
+_PLAIN_SHAPES: dict[bytes, None] = {}
+_PLAIN_SHAPES_MAX = 8192
+
+
+def effects(sql: bytes) -> Effects:
+    """The pin reason, LISTEN ops, settings effects and unpin hint of ``sql``.
+
+    The hot path: a text whose shape was seen to be plain costs one translate and a
+    dict lookup, not a scan for every keyword."""
+    shape = sql.translate(_SHAPE_TABLE, _DIGITS)
+    if shape in _PLAIN_SHAPES:
+        return PLAIN
+    if not any(word in shape for word in _ANY_EFFECT):
+        if len(_PLAIN_SHAPES) >= _PLAIN_SHAPES_MAX:
+            _PLAIN_SHAPES.clear()
+        _PLAIN_SHAPES[shape] = None
+        return PLAIN
+    return _effects(sql)
 
 
 @lru_cache(maxsize=8192)
-def effects(sql: bytes) -> Effects:
-    """The pin reason, LISTEN ops, settings effects and unpin hint of ``sql``."""
+def _effects(sql: bytes) -> Effects:
     low = sql.lower()
-    if not any(word in low for word in _ANY_EFFECT):
-        return PLAIN
     sets = changes_settings(sql)
-    return Effects(
+    fx = Effects(
         pin=pin_reason(sql),
         listen=tuple((op, None if ch is None else channel_key(ch))
                      for op, ch in listen_ops(sql)),
@@ -348,6 +369,7 @@ def effects(sql: bytes) -> Effects:
         prepared=b"prepare" in low or b"execute" in low or b"deallocate" in low,
         vacates=vacated_databases(sql) if b"database" in low else (),
     )
+    return PLAIN if fx == PLAIN else fx  # (callers test ``is PLAIN``)
 
 
 def vacated_databases(sql: bytes) -> tuple[str, ...]:

@@ -2,9 +2,11 @@
 
 A backend returned by a session stays leased to this worker for a little while,
 so the next transaction costs no IPC. Idle links go back to the pooler after
-``lease_idle_seconds`` or at once when the pooler asks (it has waiters it cannot
-serve). Every waiting session has exactly one lease request at the pooler, so the
-pooler's queue decides who is next across workers.
+``lease_idle_seconds``, or when the pooler asks (it has waiters it cannot serve)
+once they have been idle for SURPLUS_AFTER. Waiting sessions are backed by lease
+requests at the pooler (one each, at most the pool's size per pool), so the pooler's
+queue decides who is next across workers. Requests nobody needs any more are
+withdrawn by the sweep, twice a second, not at every hand-over.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ if TYPE_CHECKING:
 Key = tuple[str, str]
 
 DRAIN_TIMEOUT = 10.0
+# An idle link is surplus, to be given back when the pooler has waiters, once it has
+# been idle this long (several transactions' time under load).
+SURPLUS_AFTER = 0.01
 
 
 class LeaseManager:
@@ -65,6 +70,15 @@ class LeaseManager:
         self._request(key)
         return None
 
+    def take_idle(self, key: Key) -> BackendLink | None:
+        """An idle link for ``key`` if there is one (never queues the caller)."""
+        links = self.idle.get(key)
+        while links:
+            link = links.pop()
+            if not link.dead:
+                return link
+        return None
+
     def cancel_wait(self, key: Key, session: Session) -> None:
         q = self.waiters.get(key)
         if q is None:
@@ -73,7 +87,8 @@ class LeaseManager:
             q.remove(session)
         except ValueError:
             return
-        self._trim_requests(key)
+        if not q:
+            self._trim_requests(key)
 
     def put_back(self, link: BackendLink, fresh: bool = False) -> None:
         """A session is done with ``link`` (ReadyForQuery idle, nothing outstanding).
@@ -93,10 +108,10 @@ class LeaseManager:
             self.release(link, "clean")
             return
         if q:
-            session = q.popleft()
-            if not fresh:
-                self._trim_requests(link.key)
-            session.on_link(link)
+            # Lease requests no session needs any more are left to the sweep: under
+            # steady load the queue empties and fills again with every few transactions,
+            # and withdrawing and renewing them each time would be messages to the pooler.
+            q.popleft().on_link(link)
             return
         link.idle_since = time.monotonic()
         self.idle.setdefault(link.key, []).append(link)
@@ -282,14 +297,22 @@ class LeaseManager:
     def reclaim(self, count: int, key: Key | None = None) -> None:
         """The pooler has waiters it cannot serve.
 
-        Without ``key``: give back every idle link now (another worker may wait for
-        one). With ``key``: we hold ``count`` links of that pool beyond our fair share
+        Without ``key``: give back the links idle for SURPLUS_AFTER or more (another
+        worker may wait for one). With ``key``: we hold ``count`` links of that pool beyond our fair share
         (another user, or this user on another worker, is short): give back its idle
         ones now and the rest as sessions finish with them, instead of handing them to
         our own sessions waiting for that pool.
         """
-        pools = self.idle.values() if key is None else [self.idle.get(key) or []]
-        for links in pools:
+        if key is None:
+            # Only links idle for a while: under steady load a link sits idle for a
+            # moment between transactions, and handing it over then only makes the
+            # workers pass backends back and forth (the pooler asks again soon).
+            now = time.monotonic()
+            for links in self.idle.values():
+                for link in [lk for lk in links if now - lk.idle_since >= SURPLUS_AFTER]:
+                    self.release(link, "clean")
+        else:
+            links = self.idle.get(key) or []
             while links:
                 self.release(links.pop(), "clean")
                 count -= 1
@@ -359,6 +382,8 @@ class LeaseManager:
         for links in self.idle.values():
             for link in [lk for lk in links if now - lk.idle_since > limit or lk.dead]:
                 self.release(link, "dead" if link.dead else "clean")
+        for key in list(self.requests_of):
+            self._trim_requests(key)
         self._sweeper = self.loop.call_later(0.5, self._sweep)
 
     def close_all(self) -> None:

@@ -142,6 +142,7 @@ class Login:
         except StartupParamError as exc:
             raise LoginFailed(exc.sqlstate, exc.message) from None
         s.user, s.database, s.key = user, database, (database, user)
+        settings = self.worker.shared_book(settings)
         s.settings = s.startup_settings = settings
         s.custom_names = {low for low in settings if "." in low}
 

@@ -195,6 +195,19 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
                 link.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        if (
+            self.link is None
+            and data[:1] == b"Q"
+            and self.phase == READY
+            and not self.pending
+            and self.held is None
+            and self.listen is None
+            and not self.skip_until_sync
+            and not self.framer.buffered()
+            and len(data) == int.from_bytes(data[1:5], "big") + 1
+            and self._quick_query(data)
+        ):
+            return
         try:
             if self.phase == READY:
                 framer = self.framer
@@ -215,6 +228,22 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
                 self.login.wake()
         except ProtocolViolation as exc:
             self.fatal(exc.sqlstate, exc.message)
+
+    def _quick_query(self, data: bytes) -> bool:
+        """The steady state, without the general machinery: one whole simple Query that
+        changes nothing about the session, and an idle backend at hand. False (and
+        nothing done) sends it down the general path."""
+        if len(data) < 6 or effects(data[5:-1]) is not PLAIN:
+            return False
+        link = self.worker.leases.take_idle(self.key)
+        if link is None:
+            return False
+        self.unnamed_parse = self.unnamed_token = None
+        self.attach(link)
+        link.expect(K_QUERY)
+        link.write(data)
+        link.flush()
+        return True
 
     # -- output -----------------------------------------------------------------------------
     def write_client(self, data: bytes) -> None:
@@ -413,8 +442,12 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         link.session = self
         if self.slot >= 0:
             self.worker.cancel_table.serve(self.slot, self.client_secret, link.pid, link.secret)
-        if link.synced_with is not self.settings:  # (the same book as last time: in sync)
-            self.worker.apply_settings(link, self.settings)
+        settings = self.settings
+        if link.synced_with is not settings:  # (the same book as last time: in sync)
+            if settings or link.applied:
+                self.worker.apply_settings(link, settings)
+            else:
+                link.synced_with = settings  # both empty: nothing to send
 
     def on_lease_failed(self, fields: dict[str, str]) -> None:
         """The pooler could not open a backend for us (e.g. the database is gone)."""

@@ -55,6 +55,7 @@ class SettingsBook:
                     continue  # a custom setting never defined here
                 n = name.decode()
                 book[n.lower()] = (n, value.decode())
+            book = self.worker.shared_book(book)
             self.settings = book
             link.applied = {k: v for k, (_, v) in book.items()}
             link.synced_with = book

@@ -29,6 +29,7 @@ from .session import Session
 log = logging.getLogger("pgfleet.gateway")
 
 STATUS_CACHE_SIZE = 1024
+SHARED_BOOKS_MAX = 4096
 STATEMENT_NAMES_MAX = 16384
 
 
@@ -112,6 +113,7 @@ class Worker:
         self.loop = asyncio.get_event_loop()
         self.sessions: set[Session] = set()
         self.status_cache: OrderedDict[tuple, dict[str, str]] = OrderedDict()
+        self.books: dict[frozenset, dict[str, tuple[str, str]]] = {}
         # Parse body -> backend name, so the shared catalog is consulted once per text.
         self._statement_names: dict[bytes, bytes] = {}
         # Hash-named statements (catalog full) that parsed successfully here.
@@ -301,6 +303,18 @@ class Worker:
         for k in [k for k in self.status_cache if k[0] == key]:
             del self.status_cache[k]
 
+    def shared_book(self, book: dict[str, tuple[str, str]]) -> dict[str, tuple[str, str]]:
+        """One dict for every session with the same settings. Books are never changed in
+        place, so sessions can share them: the memory is paid once, and a backend last
+        synced with a book is known to be in sync for every session holding it."""
+        key = frozenset(book.items())
+        shared = self.books.get(key)
+        if shared is None:
+            if len(self.books) >= SHARED_BOOKS_MAX:
+                self.books.clear()
+            self.books[key] = shared = book
+        return shared
+
     def remember_status(self, cache_key: tuple, status: dict[str, str]) -> None:
         self.status_cache[cache_key] = status
         if len(self.status_cache) > STATUS_CACHE_SIZE:
@@ -356,4 +370,15 @@ def main(cfg_dict: dict, index: int, listen_fd: int) -> None:
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     worker = Worker(cfg, index, listen_sock)
+    prof_dir = os.environ.get("PGFLEET_CPROFILE")
+    if prof_dir:
+        import cProfile
+        prof = cProfile.Profile()
+        prof.enable()
+        try:
+            loop.run_until_complete(worker.run())
+        finally:
+            prof.disable()
+            prof.dump_stats(f"{prof_dir}/worker{index}.prof")
+        return
     loop.run_until_complete(worker.run())

@@ -76,3 +76,26 @@ def test_invalid_utf8_falls_back_to_the_scan() -> None:
                                  "close c", "drop table t"])
 def test_statements_that_may_unpin_are_rechecked(sql: str) -> None:
     assert might_unpin(sql.encode())
+
+
+def test_texts_differing_in_numbers_share_a_plain_shape() -> None:
+    from gateway import classify
+
+    classify._PLAIN_SHAPES.clear()
+    assert classify.effects(b"SELECT abalance FROM t WHERE aid = 17") is classify.PLAIN
+    assert len(classify._PLAIN_SHAPES) == 1
+    assert classify.effects(b"select ABALANCE from T where AID = 923") is classify.PLAIN
+    assert len(classify._PLAIN_SHAPES) == 1  # the same shape: no new entry
+
+
+def test_a_shape_never_hides_what_a_statement_does() -> None:
+    from gateway.classify import PLAIN, effects
+
+    # Channels differ only in digits: each keeps its own channel.
+    assert effects(b"LISTEN ch1").listen == (("listen", b"ch1"),)
+    assert effects(b"LISTEN ch2").listen == (("listen", b"ch2"),)
+    # Dropping digits may join letters into a keyword (s1et -> set): that costs a full
+    # look, never a missed effect.
+    assert effects(b"select s1et from t") is PLAIN
+    assert effects(b"select pg_advisory_lock(42)").pin == "advisory_lock"
+    assert effects(b"SET work_mem = '64MB'").sets

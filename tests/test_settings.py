@@ -134,3 +134,21 @@ def test_interleaved_sessions_never_see_each_others_settings(one_backend):
     finally:
         a.close()
         b.close()
+
+
+def test_sessions_with_the_same_startup_settings_stay_apart(one_backend):
+    """Sessions that start with equal settings share one book in the worker; a SET in
+    one of them must still be its own (one backend serves both)."""
+    conns = [psycopg.connect(one_backend.dsn(), autocommit=True, connect_timeout=10,
+                             options="-c work_mem=5MB", application_name="same")
+             for _ in range(4)]
+    try:
+        conns[0].execute("set work_mem = '11MB'")
+        for _ in range(3):
+            for i, conn in enumerate(conns):
+                assert show(conn, "work_mem") == ("11MB" if i == 0 else "5MB")
+        conns[0].execute("reset work_mem")
+        assert [show(c, "work_mem") for c in conns] == ["5MB"] * 4
+    finally:
+        for c in conns:
+            c.close()
