@@ -261,8 +261,10 @@ class Pgfleet:
 class PgBouncer:
     """PgBouncer in transaction mode in front of the embedded Postgres's Unix socket."""
 
-    def __init__(self, base: Path, pg_socket_dir: str, pool_size: int) -> None:
+    def __init__(self, base: Path, pg_socket_dir: str, pool_size: int,
+                 max_client_conn: int = 10000) -> None:
         self.dir = base / "pgbouncer"
+        self.max_client_conn = max_client_conn
         self.port = free_port()
         self.pg_socket_dir = pg_socket_dir
         self.pool_size = pool_size
@@ -286,7 +288,7 @@ class PgBouncer:
             f"auth_file = {self.auth_file}",
             "pool_mode = transaction",
             f"default_pool_size = {self.pool_size}",
-            "max_client_conn = 10000",
+            f"max_client_conn = {self.max_client_conn}",
             "ignore_startup_parameters = extra_float_digits",
             # Logging every connection would tax PgBouncer in the -C runs; pgfleet logs none.
             "log_connections = 0",

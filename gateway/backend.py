@@ -56,6 +56,26 @@ def _pass_through(data: bytes) -> int:
     return pos
 
 
+# Replies that need nothing from pgfleet when what asked for them needs nothing either:
+# ParseComplete, BindComplete, CloseComplete, ParameterDescription, NoData,
+# PortalSuspended, and the _PASS kinds.
+_PLAIN_REPLY = frozenset(b"123tns") | _PASS
+
+
+def _plain_replies(data: bytes) -> int:
+    """How many leading bytes of ``data`` are whole messages of the _PLAIN_REPLY kinds."""
+    n = len(data)
+    pos = 0
+    unpack = _LEN.unpack_from
+    while n - pos >= 5 and data[pos] in _PLAIN_REPLY:
+        (length,) = unpack(data, pos + 1)
+        end = pos + 1 + length
+        if length < 4 or end > n:
+            break
+        pos = end
+    return pos
+
+
 def _rename_in_error(raw: bytes, backend_name: bytes, client_name: bytes) -> bytes:
     body = raw[5:].replace(b'"' + backend_name + b'"', b'"' + client_name + b'"')
     return raw[:1] + struct.pack("!I", len(body) + 4) + body
@@ -259,12 +279,11 @@ class BackendLink(asyncio.Protocol):
 
     # -- replies ----------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        queue = self.queue
         if (
-            len(queue) == 1
+            self.queue
             and data[-6:-1] == _Z_HEAD
             and self.session is not None
-            and self._quick_reply(data, queue[0])
+            and self._quick_reply(data)
         ):
             return
         framer = self.framer
@@ -318,26 +337,45 @@ class BackendLink(asyncio.Protocol):
         elif self.fatal is not None or self.dead:
             self.manager.link_lost(self)
 
-    def _quick_reply(self, data: bytes, head: Expect) -> bool:
-        """The steady state: the whole answer to a client's simple Query in one read,
-        rows and ReadyForQuery, goes to the client as it came, in one write."""
+    def _quick_reply(self, data: bytes) -> bool:
+        """The steady state: the whole answer to what the session sent, up to and
+        including its ReadyForQuery, arrived in one read and holds nothing pgfleet acts
+        on (no error, no parameter or notification, nothing to swallow or call back):
+        it goes to the client as it came, in one write."""
         session = self.session
+        queue = self.queue
+        last = queue[-1]
         if (
-            head.kind != K_QUERY
-            or head.swallow
-            or head.rows is not None
-            or head.on_done is not None
-            or head.hold_z
+            (last.kind != K_SYNC and (last.kind != K_QUERY or len(queue) > 1))
             or self.copy_in
             or self.draining
             or session.listen is not None
             or self.framer.buffered()
             or self._client_out
-            or _pass_through(data) != len(data) - 6
+            or _plain_replies(data) != len(data) - 6
         ):
             return False
-        self.queue.popleft()
+        parsed = None
+        for e in queue:
+            if e.on_done is not None:
+                if e.kind != K_PARSE:
+                    return False
+                # A Parse's callback only books the statement (the client's own Parse).
+                parsed = (parsed or []) + [e.on_done]
+            if (
+                e.swallow
+                or e.rows is not None
+                or e.hold_z
+                or e.kind == K_SYNTH
+                or (e is not last and (e.kind == K_SYNC or e.kind == K_QUERY))
+            ):
+                return False
+        queue.clear()
         self.status = chr(data[-1])
+        self.group_ran = False
+        if parsed is not None:
+            for done in parsed:
+                done(True)
         session.write_client(data)
         session.backend_progress(self)
         return True

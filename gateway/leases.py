@@ -3,7 +3,7 @@
 A backend returned by a session stays leased to this worker for a little while,
 so the next transaction costs no IPC. Idle links go back to the pooler after
 ``lease_idle_seconds``, or when the pooler asks (it has waiters it cannot serve)
-once they have been idle for SURPLUS_AFTER. Waiting sessions are backed by lease
+and this worker does not want more of that pool itself. Waiting sessions are backed by lease
 requests at the pooler (one each, at most the pool's size per pool), so the pooler's
 queue decides who is next across workers. Requests nobody needs any more are
 withdrawn by the sweep, twice a second, not at every hand-over.
@@ -29,9 +29,6 @@ if TYPE_CHECKING:
 Key = tuple[str, str]
 
 DRAIN_TIMEOUT = 10.0
-# An idle link is surplus, to be given back when the pooler has waiters, once it has
-# been idle this long (several transactions' time under load).
-SURPLUS_AFTER = 0.01
 
 
 class LeaseManager:
@@ -297,20 +294,20 @@ class LeaseManager:
     def reclaim(self, count: int, key: Key | None = None) -> None:
         """The pooler has waiters it cannot serve.
 
-        Without ``key``: give back the links idle for SURPLUS_AFTER or more (another
-        worker may wait for one). With ``key``: we hold ``count`` links of that pool beyond our fair share
+        Without ``key``: give back the idle links of pools we have no lease request
+        out for (another worker may wait for one). With ``key``: we hold ``count`` links of that pool beyond our fair share
         (another user, or this user on another worker, is short): give back its idle
         ones now and the rest as sessions finish with them, instead of handing them to
         our own sessions waiting for that pool.
         """
         if key is None:
-            # Only links idle for a while: under steady load a link sits idle for a
-            # moment between transactions, and handing it over then only makes the
-            # workers pass backends back and forth (the pooler asks again soon).
-            now = time.monotonic()
-            for links in self.idle.values():
-                for link in [lk for lk in links if now - lk.idle_since >= SURPLUS_AFTER]:
-                    self.release(link, "clean")
+            # Not the links of a pool we still ask more of: under steady load a link
+            # sits idle for a moment between two of our transactions, and handing it
+            # over then would only pass backends back and forth between workers.
+            for k, links in self.idle.items():
+                if not self.requests_of.get(k):
+                    while links:
+                        self.release(links.pop(), "clean")
         else:
             links = self.idle.get(key) or []
             while links:

@@ -400,7 +400,9 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         self.waiting = True
         link = self.worker.leases.acquire(self.key, self)
         if link is not None:
-            self.on_link(link)
+            # From inside data_received, which writes and releases once it has read
+            # every message: the rest of the batch goes out in the same write.
+            self.on_link(link, now=False)
             return
         timeout = self.worker.cfg.query_wait_timeout
         if timeout > 0:
@@ -414,8 +416,9 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             self.waiting = False
             self.worker.leases.cancel_wait(self.key, self)
 
-    def on_link(self, link: BackendLink) -> None:
-        """The lease manager hands us a backend (we were waiting for one)."""
+    def on_link(self, link: BackendLink, now: bool = True) -> None:
+        """The lease manager hands us a backend (we were waiting for one). ``now``:
+        write what was queued for it at once (False: the caller will)."""
         if self.wait_timer is not None:
             self.wait_timer.cancel()
             self.wait_timer = None
@@ -434,8 +437,9 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
                 return
             if self.phase == CLOSED:
                 return
-        link.flush()
-        self._maybe_release(link)
+        if now:
+            link.flush()
+            self._maybe_release(link)
 
     def attach(self, link: BackendLink) -> None:
         self.link = link
