@@ -8,8 +8,8 @@
 2. Scale: ``pgfleet firehose`` against pgfleet and against PgBouncer (transaction mode,
    same pool size) in front of the same Postgres: 20,000 connections with 2,000/s churn
    and 5,000 qps, then 18,000 with 2,000/s churn and 10,000 qps.
-3. Memory: 10,000 idle clients held on each; summed PSS of the pooler's processes,
-   minus the same sum before they connected, per client.
+3. Memory: 10,000 idle clients held on each, before the scale runs; summed PSS of
+   the pooler's processes, minus the same sum just before they connected, per client.
 
 Everything lands in ``--out`` (default ``bench/results/all-<time>/``): the pgbench JSON,
 each firehose run's CSV, PNG and JSON, and ``report.md`` with the three tables.
@@ -160,8 +160,8 @@ def report(pgbench_json: Path | None, scale: list[dict], memory: dict, notes: li
         lines += ["## Scale (firehose)", "",
                   "| load | target | held max | queries/s | login p99 ms | query p99 ms | "
                   "connect fails | query fails | skipped | Postgres backends max | "
-                  "generator CPU max % |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "generator CPU max % | status |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in scale:
             def f(v, fmt="{:.1f}"):
                 return "-" if v is None else fmt.format(v)
@@ -170,7 +170,8 @@ def report(pgbench_json: Path | None, scale: list[dict], memory: dict, notes: li
                 f"| {r['target']} | {r['held_max']} | {f(r['qps_avg'], '{:.0f}')} "
                 f"| {f(r['connect_p99_ms'])} | {f(r['query_p99_ms'])} | {r['connect_failures']} "
                 f"| {r['query_failures']} | {r['skipped']} | {r['backends_max']} "
-                f"| {f(r['gen_cpu_max_pct'], '{:.0f}')} |")
+                f"| {f(r['gen_cpu_max_pct'], '{:.0f}')} "
+                f"| {'; '.join(r['problems']) or 'ok'} |")
         lines.append("")
     if memory:
         lines += ["## Memory per idle client", "",
@@ -236,34 +237,40 @@ def main(argv: list[str] | None = None) -> int:
             fleet.start()
             direct = fleet.direct_args()
             verifier = pc.psql(direct, "select rolpassword from pg_authid where rolname = 'postgres'")
-            bouncer.start(verifier, password)
             pm = fleet.postmaster_pid()
-            targets = {
-                "pgfleet": (fleet.port, lambda: tree_pids(fleet.proc.pid, {pm} if pm else set())),
-                "pgbouncer": (bouncer.port, lambda: tree_pids(bouncer.proc.pid, set())),
-            }
-            if "scale" not in skip:
-                for load in (QUICK_SCALE if args.quick else SCALE):
-                    for target, (port, _) in targets.items():
-                        name = f"firehose-{target}-{load[0]}c-{load[1]}churn-{load[2]}qps"
-                        # PgBouncer's pool and pgfleet's idle pool share the Postgres: only
-                        # pgfleet's run is held to the pool size.
-                        limit = args.pool_size if target == "pgfleet" else None
-                        s = firehose(port, password, fleet.home, out / name, *load,
-                                     ramp=min(10.0, load[3] / 3), max_backends=limit,
-                                     timeout=load[3] + 180)
-                        scale.append(scale_row(target, load, s))
-                        pc.log(f"  -> {target}: held {scale[-1]['held_max']}, "
-                               f"{scale[-1]['qps_avg']} qps, problems {s.get('problems')}")
-                        time.sleep(5)  # let TIME_WAIT and the pools settle
-            if "memory" not in skip:
-                clients = 2000 if args.quick else 10000
-                for target, (port, pids_of) in targets.items():
+            # pgfleet's runs first, then PgBouncer's, each started fresh for its memory
+            # run; PgBouncer starts only then, so none of its server connections (kept
+            # for server_idle_timeout) is in the backend count of pgfleet's runs.
+            for target in ("pgfleet", "pgbouncer"):
+                if target == "pgfleet":
+                    port = fleet.port
+                    pids_of = lambda: tree_pids(fleet.proc.pid, {pm} if pm else set())  # noqa: E731
+                else:
+                    bouncer.start(verifier, password)
+                    port = bouncer.port
+                    pids_of = lambda: tree_pids(bouncer.proc.pid, set())  # noqa: E731
+                if "memory" not in skip:
+                    # While it is fresh: the baseline is a just-started process, not one
+                    # whose allocator still holds the scale runs' memory.
                     m = idle_memory(port, password, fleet.home, out / f"memory-{target}", pids_of,
-                                    clients)
+                                    2000 if args.quick else 10000)
                     memory[target] = m
                     pc.log(f"  -> {target}: {m}")
                     time.sleep(5)
+                if "scale" in skip:
+                    continue
+                for load in (QUICK_SCALE if args.quick else SCALE):
+                    name = f"firehose-{target}-{load[0]}c-{load[1]}churn-{load[2]}qps"
+                    # While PgBouncer runs, pgfleet's idle pooled backends are still
+                    # connected: only pgfleet's runs are held to the pool size.
+                    limit = args.pool_size if target == "pgfleet" else None
+                    s = firehose(port, password, fleet.home, out / name, *load,
+                                 ramp=min(10.0, load[3] / 3), max_backends=limit,
+                                 timeout=load[3] + 180)
+                    scale.append(scale_row(target, load, s))
+                    pc.log(f"  -> {target}: held {scale[-1]['held_max']}, "
+                           f"{scale[-1]['qps_avg']} qps, problems {s.get('problems')}")
+                    time.sleep(5)  # let TIME_WAIT and the pools settle
         except KeyboardInterrupt:
             rc = 130
         except (pc.BenchError, subprocess.TimeoutExpired, OSError) as exc:

@@ -328,11 +328,14 @@ PLAIN = Effects()
 _ANY_EFFECT = tuple(dict.fromkeys((
     b"set", b"prepare", b"listen", b"load", b"hold", b"temp", b"advisory", b"discard",
     b"execute", b"deallocate", b"database", *_MIGHT_UNPIN)))
-# Lower-case while dropping digits, in one pass: texts that differ only in their numbers
-# (most generated queries) share one shape. No keyword above has a digit, so a shape
-# without keywords comes from a text without them.
-_SHAPE_TABLE = bytes.maketrans(bytes(range(65, 91)), bytes(range(97, 123)))
-_DIGITS = b"0123456789"
+# Lower-case, and every digit as 0, in one pass: texts that differ only in the values
+# of their numbers (most generated queries) share one shape. No keyword above has a
+# digit, so a shape without keywords comes from a text without them; and whether a
+# statement does anything to its session depends on its kind and the functions and
+# names it uses, not on which digits its literals and names hold (digits are kept as
+# digits, so pg_temp1 and pg_temp stay apart).
+_SHAPE_TABLE = bytes.maketrans(bytes(range(65, 91)) + b"123456789",
+                               bytes(range(97, 123)) + b"000000000")
 _PLAIN_SHAPES: dict[bytes, None] = {}
 _PLAIN_SHAPES_MAX = 8192
 
@@ -341,16 +344,16 @@ def effects(sql: bytes) -> Effects:
     """The pin reason, LISTEN ops, settings effects and unpin hint of ``sql``.
 
     The hot path: a text whose shape was seen to be plain costs one translate and a
-    dict lookup, not a scan for every keyword."""
-    shape = sql.translate(_SHAPE_TABLE, _DIGITS)
+    dict lookup, not a keyword scan (nor a parse, for an UPDATE ... SET)."""
+    shape = sql.translate(_SHAPE_TABLE)
     if shape in _PLAIN_SHAPES:
         return PLAIN
-    if not any(word in shape for word in _ANY_EFFECT):
+    fx = _effects(sql) if any(word in shape for word in _ANY_EFFECT) else PLAIN
+    if fx is PLAIN:
         if len(_PLAIN_SHAPES) >= _PLAIN_SHAPES_MAX:
             _PLAIN_SHAPES.clear()
         _PLAIN_SHAPES[shape] = None
-        return PLAIN
-    return _effects(sql)
+    return fx
 
 
 @lru_cache(maxsize=8192)

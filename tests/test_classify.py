@@ -84,8 +84,14 @@ def test_texts_differing_in_numbers_share_a_plain_shape() -> None:
     classify._PLAIN_SHAPES.clear()
     assert classify.effects(b"SELECT abalance FROM t WHERE aid = 17") is classify.PLAIN
     assert len(classify._PLAIN_SHAPES) == 1
-    assert classify.effects(b"select ABALANCE from T where AID = 923") is classify.PLAIN
+    assert classify.effects(b"select ABALANCE from T where AID = 92") is classify.PLAIN
     assert len(classify._PLAIN_SHAPES) == 1  # the same shape: no new entry
+    # Found plain by the parser (SET is a keyword of UPDATE too): remembered by shape.
+    update = b"UPDATE t SET v = v + %d WHERE id = %d"
+    assert classify.effects(update % (17, 4)) is classify.PLAIN
+    assert len(classify._PLAIN_SHAPES) == 2
+    assert classify.effects(update % (99, 8)) is classify.PLAIN
+    assert len(classify._PLAIN_SHAPES) == 2
 
 
 def test_a_shape_never_hides_what_a_statement_does() -> None:
@@ -94,8 +100,10 @@ def test_a_shape_never_hides_what_a_statement_does() -> None:
     # Channels differ only in digits: each keeps its own channel.
     assert effects(b"LISTEN ch1").listen == (("listen", b"ch1"),)
     assert effects(b"LISTEN ch2").listen == (("listen", b"ch2"),)
-    # Dropping digits may join letters into a keyword (s1et -> set): that costs a full
-    # look, never a missed effect.
     assert effects(b"select s1et from t") is PLAIN
     assert effects(b"select pg_advisory_lock(42)").pin == "advisory_lock"
+    # A plain text never vouches for another whose digits are placed differently.
+    assert effects(b"select * from pg_temp1.t") is PLAIN
+    assert effects(b"select * from pg_temp.t").pin == "temp_table"
+    assert effects(b"select * from pg_temp_3.t").pin == "temp_table"
     assert effects(b"SET work_mem = '64MB'").sets
