@@ -135,6 +135,11 @@ QUICK_SCALE = [(2000, 200, 500, 15)]
 
 def scale_row(target: str, load: tuple, s: dict) -> dict:
     t = s.get("totals", {})
+    problems = list(s.get("problems", []))
+    held = t.get("held_max") or 0
+    if held < 0.99 * load[0]:
+        # Not a failure to the firehose (nothing was refused), but the load was not held.
+        problems.append(f"held at most {held} of the {load[0]} connections asked")
     return {
         "target": target,
         "connections": load[0], "churn": load[1], "qps": load[2], "seconds": load[3],
@@ -147,7 +152,7 @@ def scale_row(target: str, load: tuple, s: dict) -> dict:
         "skipped": t.get("skipped"),
         "backends_max": s.get("backends_max"),
         "gen_cpu_max_pct": s.get("gen_cpu_max_pct"),
-        "problems": s.get("problems", []),
+        "problems": problems,
     }
 
 

@@ -45,5 +45,8 @@ def test_report_has_the_scale_and_memory_tables() -> None:
     text = run_all.report(None, rows, memory, ["a note"])
     assert "| 20000 conn, 2000/s churn, 5000 qps, 75 s | pgfleet | 20000 | 5000 | 12.5 | 4.2 |" in text
     assert "| 12 connects failed |" in text
+    short = dict(summary, totals=dict(summary["totals"], held_max=11000))
+    row = run_all.scale_row("pgfleet", (20000, 2000, 5000, 75), short)
+    assert row["problems"] == ["held at most 11000 of the 20000 connections asked"]
     assert "| pgfleet | 10 | 100 | 70,100 | 7,000 |" in text
     assert text.rstrip().endswith("- a note")
