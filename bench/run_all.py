@@ -71,16 +71,23 @@ def tree_pids(root: int, exclude: set[int]) -> list[int]:
     return out
 
 
+def firehose_cmd(port: int, home: Path, out: Path, **options: object) -> list[str]:
+    """``pgfleet firehose`` against 127.0.0.1:``port`` as postgres; ``options`` are its
+    flags (``max_backends=20`` is ``--max-backends 20``)."""
+    cmd = [PGFLEET, "firehose", "--host", "127.0.0.1", "--port", str(port), "--user", "postgres",
+           "--dbname", "postgres", "--home", str(home), "--out", str(out), "--quiet"]
+    for name, value in options.items():
+        cmd += ["--" + name.replace("_", "-"), str(value)]
+    return cmd
+
+
 def firehose(port: int, password: str, home: Path, out: Path, connections: int, churn: int,
              qps: int, duration: int, ramp: float, max_backends: int | None,
              timeout: float) -> dict:
     """One ``pgfleet firehose`` run; returns its JSON summary (plus the exit status)."""
-    cmd = [PGFLEET, "firehose", "--host", "127.0.0.1", "--port", str(port), "--user", "postgres",
-           "--dbname", "postgres", "--connections", str(connections), "--churn", str(churn),
-           "--qps", str(qps), "--write-ratio", "0.2", "--duration", str(duration),
-           "--ramp", str(ramp), "--home", str(home), "--out", str(out), "--quiet"]
-    if max_backends is not None:
-        cmd += ["--max-backends", str(max_backends)]
+    limit = {} if max_backends is None else {"max_backends": max_backends}
+    cmd = firehose_cmd(port, home, out, connections=connections, churn=churn, qps=qps,
+                       write_ratio=0.2, duration=duration, ramp=ramp, **limit)
     pc.log(f"firehose: {' '.join(cmd[2:])}")
     env = dict(os.environ, PGPASSWORD=password)
     with open(out.with_suffix(".log"), "wb") as logf:
@@ -99,10 +106,7 @@ def idle_memory(port: int, password: str, home: Path, out: Path, pids_of, client
     they are all logged in, against the same processes just before."""
     base = pss_bytes(pids_of())
     duration, ramp = 40, 15
-    cmd = [PGFLEET, "firehose", "--host", "127.0.0.1", "--port", str(port), "--user", "postgres",
-           "--dbname", "postgres", "--connections", str(clients), "--qps", "0",
-           "--duration", str(duration), "--ramp", str(ramp), "--home", str(home),
-           "--out", str(out), "--quiet"]
+    cmd = firehose_cmd(port, home, out, connections=clients, qps=0, duration=duration, ramp=ramp)
     env = dict(os.environ, PGPASSWORD=password)
     logf = open(out.with_suffix(".log"), "wb")
     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=pc.ROOT)

@@ -42,12 +42,12 @@ _LEN = struct.Struct("!I")
 _Z_HEAD = b"Z\x00\x00\x00\x05"  # ReadyForQuery, all but its status byte
 
 
-def _pass_through(data: bytes) -> int:
-    """How many leading bytes of ``data`` are whole messages of the _PASS kinds."""
+def _whole_messages(data: bytes, kinds: frozenset[int]) -> int:
+    """How many leading bytes of ``data`` are whole messages of ``kinds``."""
     n = len(data)
     pos = 0
     unpack = _LEN.unpack_from
-    while n - pos >= 5 and data[pos] in _PASS:
+    while n - pos >= 5 and data[pos] in kinds:
         (length,) = unpack(data, pos + 1)
         end = pos + 1 + length
         if length < 4 or end > n:
@@ -60,20 +60,6 @@ def _pass_through(data: bytes) -> int:
 # ParseComplete, BindComplete, CloseComplete, ParameterDescription, NoData,
 # PortalSuspended, and the _PASS kinds.
 _PLAIN_REPLY = frozenset(b"123tns") | _PASS
-
-
-def _plain_replies(data: bytes) -> int:
-    """How many leading bytes of ``data`` are whole messages of the _PLAIN_REPLY kinds."""
-    n = len(data)
-    pos = 0
-    unpack = _LEN.unpack_from
-    while n - pos >= 5 and data[pos] in _PLAIN_REPLY:
-        (length,) = unpack(data, pos + 1)
-        end = pos + 1 + length
-        if length < 4 or end > n:
-            break
-        pos = end
-    return pos
 
 
 def _rename_in_error(raw: bytes, backend_name: bytes, client_name: bytes) -> bytes:
@@ -303,7 +289,7 @@ class BackendLink(asyncio.Protocol):
             # The rows of a client's simple Query: forward them as they came, without
             # cutting them into messages; ReadyForQuery and anything special take the
             # message-by-message path below.
-            pos = _pass_through(data)
+            pos = _whole_messages(data, _PASS)
             if pos:
                 out.append(data if pos == len(data) else data[:pos])
                 data = data[pos:]
@@ -352,7 +338,7 @@ class BackendLink(asyncio.Protocol):
             or session.listen is not None
             or self.framer.buffered()
             or self._client_out
-            or _plain_replies(data) != len(data) - 6
+            or _whole_messages(data, _PLAIN_REPLY) != len(data) - 6
         ):
             return False
         parsed = None

@@ -50,3 +50,14 @@ def test_report_has_the_scale_and_memory_tables() -> None:
     assert row["problems"] == ["held at most 11000 of the 20000 connections asked"]
     assert "| pgfleet | 10 | 100 | 70,100 | 7,000 |" in text
     assert text.rstrip().endswith("- a note")
+
+
+def test_firehose_cmd_spells_options_as_flags(tmp_path) -> None:
+    cmd = run_all.firehose_cmd(24000, tmp_path / "home", tmp_path / "out", connections=5,
+                               write_ratio=0.2, max_backends=20)
+    assert cmd[1] == "firehose"
+    flags = cmd[2:]
+    assert flags[flags.index("--port") + 1] == "24000"
+    assert flags[flags.index("--write-ratio") + 1] == "0.2"
+    assert flags[flags.index("--max-backends") + 1] == "20"
+    assert flags[flags.index("--connections") + 1] == "5"
