@@ -169,30 +169,18 @@ class StatementBook:
                 prep = (cmd.name, sql_bname, msg(Q, query + b"\x00"))
                 fx = replace(fx, pin=None)
         if name:
-            if prep is None:
-                self.stmt_prepares.pop(name, None)
-            else:
-                self.stmt_prepares[name] = prep
+            _book(self.stmt_prepares, name, prep)
         else:
             self.unnamed_prepare = prep
         self._note_pins(fx)
         if fx.vacates:
             self.worker.vacate(fx.vacates)
         if name:
-            if fx.listen:
-                self.stmt_listen[name] = fx.listen
-            else:
-                self.stmt_listen.pop(name, None)
+            _book(self.stmt_listen, name, fx.listen or None)
+            _book(self.stmt_pins, name, fx.pin)
         else:
             self.unnamed_listen = fx.listen
-        pin = fx.pin
-        if name:
-            if pin is None:
-                self.stmt_pins.pop(name, None)
-            else:
-                self.stmt_pins[name] = pin
-        else:
-            self.unnamed_pin = pin
+            self.unnamed_pin = fx.pin
         dep: bytes | None = None
         if self.sql_stmts and fx.prepared:
             cmd = sql_prepare.parse(query)
@@ -219,10 +207,7 @@ class StatementBook:
         else:
             self.unnamed_effects = done_after
         if name:
-            if dep is None:
-                self.sql_deps.pop(name, None)
-            else:
-                self.sql_deps[name] = dep
+            _book(self.sql_deps, name, dep)
         else:
             self.unnamed_dep = dep
         if not name:
@@ -328,3 +313,11 @@ class StatementBook:
         link.write(fe.encode_bind("", "", []))
         link.expect(K_EXEC, swallow=1)
         link.write(fe.encode_execute("", 0))
+
+
+def _book(table: dict, name: bytes, value: object) -> None:
+    """What statement ``name`` does, kept in ``table``; None: it does nothing of the kind."""
+    if value is None:
+        table.pop(name, None)
+    else:
+        table[name] = value
