@@ -156,16 +156,26 @@ class Login:
         cache_key = self.worker.status_key(s.key, settings)
         # Role/database defaults may change while we wait; then what we learn is stale.
         gen = self.worker.defaults_gen
-        info = await self.worker.pooler.auth(user, database, cache_key[1])
-        if "error" in info:
-            raise LoginFailed(sqlstate.CANNOT_CONNECT_NOW, str(info["error"]))
+        worker = self.worker
+        status = worker.status_cache.get(cache_key)
+        # With the status report known here, facts this worker kept will do; without
+        # it, ask the pooler, which may know the report from another worker.
+        info = worker.role_facts.get(user, database) if status is not None else None
+        if info is None:
+            asked_at = worker.role_facts.epoch.value
+            info = await worker.pooler.auth(user, database, cache_key[1])
+            if "error" in info:
+                raise LoginFailed(sqlstate.CANNOT_CONNECT_NOW, str(info["error"]))
+            worker.role_facts.remember(user, database, asked_at, info)
         try:
             await self._check(user, database, info)
         except LoginFailed:
-            # What we know of this role may be stale: refetch it for the next login.
-            self.worker.pooler.invalidate(user)
+            # What we know of this role may be stale: refetch it for the next login,
+            # here and (through the pooler's epoch) in every worker.
+            worker.role_facts.forget(user)
+            worker.pooler.invalidate(user)
             raise
-        status = self.worker.status_cache.get(cache_key)
+        status = worker.status_cache.get(cache_key)
         if status is not None:
             return status
         status = info.get("status")

@@ -16,6 +16,7 @@ import uvloop
 
 from ipc.cancel_table import CancelTable, new_secret
 from ipc.channel import Channel, connect
+from ipc.epoch import SharedEpoch
 from ipc.statement_catalog import HASHED_KEY, StatementCatalog, backend_name, key_of_name, sql_key
 from pgwire import frontend as fe
 from pgwire.quoting import quote_guc_name, quote_literal
@@ -24,6 +25,7 @@ from supervisor.config import Config
 from .backend import K_QUERY, BackendLink
 from .leases import LeaseManager
 from .listen import Listeners
+from .role_facts import RoleFacts
 from .session import Session
 
 log = logging.getLogger("pgfleet.gateway")
@@ -59,8 +61,8 @@ class PoolerClient:
 
     async def auth(self, user: str, database: str, skey: str) -> dict:
         """Role facts for a login, and the startup status report if the pooler knows
-        it for these settings (``skey``). Asked every time: the pooler's cache is the
-        one place a refused login refreshes, for every worker at once."""
+        it for these settings (``skey``). The pooler's cache is the one place a refused
+        login refreshes, for every worker at once (see ``role_facts``)."""
         return await self.call({"op": "auth", "user": user, "db": database, "skey": skey})
 
     def invalidate(self, user: str) -> None:
@@ -123,6 +125,7 @@ class Worker:
         # Bumped when role/database defaults change: status reports made before are stale.
         self.defaults_gen = 0
         self.cancel_table = CancelTable.attach(cfg.cancel_table_name)
+        self.role_facts = RoleFacts(SharedEpoch.attach(cfg.role_epoch_name))
         self.slots = self.cancel_table.partition(index, cfg.workers)
         self.cancel_table.reset_range(self.slots)
         self.free_slots = list(reversed(self.slots))

@@ -42,6 +42,7 @@ class AuthCache:
         pool: PoolManager,
         ttl: float = 5.0,
         on_defaults_changed: Callable[[str, str], None] = lambda db, user: None,
+        on_facts_changed: Callable[[], None] = lambda: None,
     ) -> None:
         self.pool = pool
         self.ttl = ttl
@@ -49,12 +50,15 @@ class AuthCache:
         # a change still carry the old defaults, so the pooler retires them.
         self._defaults: dict[tuple[str, str], str] = {}
         self.on_defaults_changed = on_defaults_changed
+        # Workers keep facts too, until this says they may have changed (a shared epoch).
+        self.on_facts_changed = on_facts_changed
         self._entries: dict[tuple[str, str], tuple[float, dict]] = {}
         self._inflight: dict[tuple[str, str], asyncio.Task] = {}
 
     def invalidate(self, user: str) -> None:
         for k in [k for k in self._entries if k[0] == user]:
             del self._entries[k]
+        self.on_facts_changed()
 
     async def lookup(self, user: str, database: str, refresh: bool = False) -> dict:
         """Facts for a login. An expired entry is still served while a refresh runs in
@@ -84,7 +88,10 @@ class AuthCache:
         finally:
             self._inflight.pop(key, None)
         if info["role_exists"] and info["db_exists"]:
+            old = self._entries.get(key)
             self._entries[key] = (time.monotonic(), info)
+            if old is not None and old[1] != info:
+                self.on_facts_changed()
             seen = self._defaults.get(key)
             self._defaults[key] = info["role_settings"]
             if seen is not None and seen != info["role_settings"]:

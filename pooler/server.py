@@ -10,6 +10,7 @@ import signal
 import uvloop
 
 from ipc.channel import Channel, ChannelServer, serve
+from ipc.epoch import SharedEpoch
 from ipc.statement_catalog import StatementCatalog
 from supervisor.config import Config
 
@@ -169,7 +170,11 @@ class Pooler:
             user_limits=cfg.user_limits,
             catalog=StatementCatalog.attach(cfg.statement_catalog_name),
         )
-        self.auth = AuthCache(self.pool, on_defaults_changed=self.defaults_changed)
+        self.role_epoch = SharedEpoch.attach(cfg.role_epoch_name)
+        self.auth = AuthCache(
+            self.pool, on_defaults_changed=self.defaults_changed,
+            on_facts_changed=self.role_epoch.bump,
+        )
         self.hub = ListenHub(self.loop, str(cfg.pg_socket_path), self.notify)
         self.links: set[WorkerLink] = set()
         # Startup status reports per (database, user, settings), shared by all workers

@@ -95,6 +95,11 @@ class Config:
         return f"/pgfleet-stmts-{digest}"
 
     @property
+    def role_epoch_name(self) -> str:
+        digest = hashlib.sha1(str(self.home).encode()).hexdigest()[:12]
+        return f"/pgfleet-roles-{digest}"
+
+    @property
     def backend_slots(self) -> int:
         """Slots for per-backend prepared sets: the pooler never holds more than its cap
         (plus the few it may be opening while an evicted one exits)."""

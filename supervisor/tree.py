@@ -23,6 +23,7 @@ import multiprocess
 import pgwire.auth  # noqa: F401  (its mock-SCRAM secret is created here, shared by forks)
 from gateway import tls
 from ipc.cancel_table import CancelTable
+from ipc.epoch import SharedEpoch
 from ipc.statement_catalog import MAX_PREPARED_PER_BACKEND, StatementCatalog
 
 from . import metrics
@@ -172,7 +173,7 @@ class Supervisor:
             metrics.prepare_dir(cfg.metrics_dir)
             metrics.serve(cfg.host, cfg.metrics_port)
         watcher = PgWatcher(pg)
-        table = catalog = None
+        table = catalog = epoch = None
         try:
             watcher.start()
             table = CancelTable.create(cfg.cancel_table_name, cfg.max_clients)
@@ -180,6 +181,7 @@ class Supervisor:
                 cfg.statement_catalog_name, cfg.statement_catalog_size, cfg.backend_slots,
                 MAX_PREPARED_PER_BACKEND,
             )
+            epoch = SharedEpoch.create(cfg.role_epoch_name)
             listen = make_listen_socket(cfg.host, cfg.port)
             cfg_dict = cfg.to_dict()
             cfg.ipc_dir.mkdir(parents=True, exist_ok=True)
@@ -207,6 +209,8 @@ class Supervisor:
                 table.unlink()
             if catalog is not None:
                 catalog.unlink()
+            if epoch is not None:
+                epoch.unlink()
             watcher.stop()  # Postgres last
             lock.close()
         return 0

@@ -784,6 +784,25 @@ def test_role_given_login_can_log_in(server):
         d.execute(sql.SQL("drop role if exists {}").format(sql.Identifier(role)))
 
 
+def test_changed_password_refused_by_every_worker(server):
+    # Workers keep role facts between logins. Each refuses the new password once on
+    # what it kept, then forgets; after that no worker may still take the old one.
+    role = uniq("pf_pw")
+    d = direct(server)
+    d.execute(sql.SQL("create role {} login password 'x'").format(sql.Identifier(role)))
+    try:
+        for _ in range(12):  # both workers log the role in and keep its facts
+            connect(server.dsn(user=role, password="x")).close()
+        d.execute(sql.SQL("alter role {} password 'y'").format(sql.Identifier(role)))
+        _login_within(server, 3, user=role, password="y").close()
+        for _ in range(12):
+            with pytest.raises(psycopg.OperationalError) as ei:
+                connect(server.dsn(user=role, password="x"))
+            assert f'password authentication failed for user "{role}"' in str(ei.value)
+    finally:
+        d.execute(sql.SQL("drop role if exists {}").format(sql.Identifier(role)))
+
+
 def test_md5_auth(make_server):
     s = make_server("--auth", "md5", "--workers", "1", "--pool-size", "3")
     d = connect(s.direct_dsn(), autocommit=True)

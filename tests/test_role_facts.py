@@ -1,0 +1,93 @@
+"""The shared role-facts epoch and the facts a worker keeps between logins."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from gateway import role_facts
+from gateway.role_facts import RoleFacts
+from ipc.codec import IpcError
+from ipc.epoch import SharedEpoch
+from ipc.shm import create_segment, unlink_segment
+
+FACTS = {"op": "auth_info", "req": 7, "password": "SCRAM-SHA-256$x", "can_login": True,
+         "expired": False, "db_allow_conn": True, "role_exists": True, "db_exists": True,
+         "role_settings": "", "status": {"server_version": "15"}}
+
+
+@pytest.fixture
+def epoch():
+    name = f"/pgfleet-test-epoch-{os.getpid()}-{time.monotonic_ns()}"
+    e = SharedEpoch.create(name)
+    try:
+        yield e
+    finally:
+        e.close()
+        e.unlink()
+
+
+def test_epoch_bumps_are_seen_by_another_mapping(epoch):
+    other = SharedEpoch.attach(epoch.name)
+    try:
+        assert epoch.value == other.value == 0
+        assert epoch.bump() == 1
+        assert other.value == 1
+        other.bump()
+        assert epoch.value == 2
+    finally:
+        other.close()
+
+
+def test_epoch_attach_refuses_a_foreign_segment():
+    name = f"/pgfleet-test-epoch-bad-{os.getpid()}"
+    m = create_segment(name, 64)
+    try:
+        m[:8] = b"NOTMINE!"
+        with pytest.raises(IpcError):
+            SharedEpoch.attach(name)
+    finally:
+        m.close()
+        unlink_segment(name)
+
+
+def test_facts_kept_until_the_epoch_moves(epoch):
+    facts = RoleFacts(epoch)
+    asked_at = epoch.value
+    facts.remember("alice", "app", asked_at, FACTS)
+    kept = facts.get("alice", "app")
+    assert kept is not None and kept["password"] == "SCRAM-SHA-256$x"
+    assert "status" not in kept and "req" not in kept  # only the role's facts
+    assert facts.get("alice", "other") is None
+    epoch.bump()
+    assert facts.get("alice", "app") is None
+
+
+def test_answer_that_raced_with_a_bump_is_not_used(epoch):
+    facts = RoleFacts(epoch)
+    asked_at = epoch.value
+    epoch.bump()  # the pooler dropped the role while our question was in flight
+    facts.remember("alice", "app", asked_at, FACTS)
+    assert facts.get("alice", "app") is None
+
+
+def test_facts_expire_and_missing_roles_are_not_kept(epoch, monkeypatch):
+    facts = RoleFacts(epoch)
+    facts.remember("ghost", "app", epoch.value, {**FACTS, "role_exists": False})
+    assert facts.get("ghost", "app") is None
+    facts.remember("alice", "app", epoch.value, FACTS)
+    later = time.monotonic() + role_facts.TTL + 0.01
+    monkeypatch.setattr(role_facts.time, "monotonic", lambda: later)
+    assert facts.get("alice", "app") is None
+
+
+def test_forget_drops_every_database_of_the_user(epoch):
+    facts = RoleFacts(epoch)
+    for db in ("a", "b"):
+        facts.remember("alice", db, epoch.value, FACTS)
+    facts.remember("bob", "a", epoch.value, FACTS)
+    facts.forget("alice")
+    assert facts.get("alice", "a") is None and facts.get("alice", "b") is None
+    assert facts.get("bob", "a") is not None
