@@ -40,9 +40,10 @@ E, Z, T, n_ = ord("E"), ord("Z"), ord("T"), ord("n")
 _PASS = frozenset(b"TDCNI")  # RowDescription, DataRow, CommandComplete, Notice, EmptyQuery
 _LEN = struct.Struct("!I")
 _Z_HEAD = b"Z\x00\x00\x00\x05"  # ReadyForQuery, all but its status byte
+SYNC_MSG = b"S\x00\x00\x00\x04"
 
 
-def _whole_messages(data: bytes, kinds: frozenset[int]) -> int:
+def whole_messages(data: bytes, kinds: frozenset[int]) -> int:
     """How many leading bytes of ``data`` are whole messages of ``kinds``."""
     n = len(data)
     pos = 0
@@ -238,6 +239,10 @@ class BackendLink(asyncio.Protocol):
             self.unnamed_of = None  # Postgres drops the unnamed statement on a simple Query
         self.queue.append(Expect(kind, swallow, on_done, None, rows))
 
+    def expect_all(self, kinds: list[int]) -> None:
+        """Replies to a group of plain messages the caller writes itself."""
+        self.queue.extend([Expect(k) for k in kinds])
+
     def send(self, kind: int, raw: bytes, heal: bytes | None = None,
              names: tuple[bytes, bytes] | None = None, on_done=None) -> None:
         """Write a client's extended-protocol message, remembering it for a heal."""
@@ -289,7 +294,7 @@ class BackendLink(asyncio.Protocol):
             # The rows of a client's simple Query: forward them as they came, without
             # cutting them into messages; ReadyForQuery and anything special take the
             # message-by-message path below.
-            pos = _whole_messages(data, _PASS)
+            pos = whole_messages(data, _PASS)
             if pos:
                 out.append(data if pos == len(data) else data[:pos])
                 data = data[pos:]
@@ -338,7 +343,7 @@ class BackendLink(asyncio.Protocol):
             or session.listen is not None
             or self.framer.buffered()
             or self._client_out
-            or _whole_messages(data, _PLAIN_REPLY) != len(data) - 6
+            or whole_messages(data, _PLAIN_REPLY) != len(data) - 6
         ):
             return False
         parsed = None

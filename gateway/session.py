@@ -22,7 +22,18 @@ from pgwire.errors import ProtocolViolation, error_response
 from pgwire.framing import MessageFramer, StartupFramer
 
 from . import sql_prepare, tls
-from .backend import K_BIND, K_CLOSE, K_DESC_P, K_DESC_S, K_EXEC, K_QUERY, K_SYNC
+from .backend import (
+    K_BIND,
+    K_CLOSE,
+    K_DESC_P,
+    K_DESC_S,
+    K_EXEC,
+    K_PARSE,
+    K_QUERY,
+    K_SYNC,
+    SYNC_MSG,
+    whole_messages,
+)
 from .classify import PLAIN, effects
 from .listen import ListenSession, ListenState
 from .login import Login
@@ -56,6 +67,10 @@ if TYPE_CHECKING:
     from .worker import Worker
 
 UNLISTEN_ALL = fe.encode_query("UNLISTEN *")
+_GROUP_KINDS = frozenset(b"PBDES")
+# A pending entry holding a whole plain unit: (WHOLE, reply kinds, its bytes).
+WHOLE = -1
+QUERY_ONLY = [K_QUERY]
 
 
 class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Protocol):
@@ -197,17 +212,17 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
     def data_received(self, data: bytes) -> None:
         if (
             self.link is None
-            and data[:1] == b"Q"
             and self.phase == READY
             and not self.pending
             and self.held is None
             and self.listen is None
             and not self.skip_until_sync
             and not self.framer.buffered()
-            and len(data) == int.from_bytes(data[1:5], "big") + 1
-            and self._quick_query(data)
         ):
-            return
+            kinds = self._plain_kinds(data)
+            if kinds is not None:
+                self._send_whole(data, kinds)
+                return
         try:
             if self.phase == READY:
                 framer = self.framer
@@ -229,21 +244,92 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         except ProtocolViolation as exc:
             self.fatal(exc.sqlstate, exc.message)
 
-    def _quick_query(self, data: bytes) -> bool:
-        """The steady state, without the general machinery: one whole simple Query that
-        changes nothing about the session, and an idle backend at hand. False (and
-        nothing done) sends it down the general path."""
-        if len(data) < 6 or effects(data[5:-1]) is not PLAIN:
-            return False
+    # -- the steady state ----------------------------------------------------------------------
+    @staticmethod
+    def _plain_kinds(data: bytes) -> list[int] | None:
+        """The replies ``data`` asks for when it is one whole unit that changes nothing
+        about the session, so that it needs none of the general machinery: a simple
+        Query, or a group of an unnamed Parse, then Bind, Describe and Execute of the
+        unnamed statement and portal, then Sync (pgbench -M extended, psycopg, JDBC
+        before it prepares). None: the general path."""
+        n = len(data)
+        if n < 6:
+            return None
+        first = data[0]
+        if first == Q:
+            if n != int.from_bytes(data[1:5], "big") + 1 or effects(data[5:-1]) is not PLAIN:
+                return None
+            return QUERY_ONLY
+        if first != P or n < 11 or data[5] or data[-5:] != SYNC_MSG:
+            return None
+        if whole_messages(data, _GROUP_KINDS) != n:
+            return None
+        parse_end = 1 + int.from_bytes(data[1:5], "big")
+        query_end = data.find(b"\x00", 6, parse_end)
+        if query_end < 0 or effects(data[6:query_end]) is not PLAIN:
+            return None
+        kinds = [K_PARSE]
+        pos = parse_end
+        last = n - 5
+        while pos < last:
+            mtype = data[pos]
+            body = pos + 5
+            if mtype == B:
+                if data[body] or data[body + 1]:  # a named portal or statement
+                    return None
+                kinds.append(K_BIND)
+            elif mtype == E:
+                if data[body]:
+                    return None
+                kinds.append(K_EXEC)
+            elif mtype == D:
+                which = data[body : body + 2]
+                if which == b"P\x00":
+                    kinds.append(K_DESC_P)
+                elif which == b"S\x00":
+                    kinds.append(K_DESC_S)
+                else:
+                    return None
+            else:  # another Parse, or a Sync before the end
+                return None
+            pos += 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
+        kinds.append(K_SYNC)
+        return kinds
+
+    def _send_whole(self, data: bytes, kinds: list[int]) -> None:
+        """Send a plain unit on an idle backend at hand, or queue it whole until one
+        comes: either way it is booked and written once, never cut into messages."""
         link = self.worker.leases.take_idle(self.key)
-        if link is None:
-            return False
-        self.unnamed_parse = self.unnamed_token = None
-        self.attach(link)
-        link.expect(K_QUERY)
+        if link is not None:
+            self.attach(link)
+            self._write_whole(link, data, kinds)
+            link.flush()
+            return
+        self.pending.append((WHOLE, kinds, data))  # type: ignore[arg-type]
+        if not self.waiting:
+            self._request_backend()
+        link = self.link
+        if link is not None:  # the lease manager had one after all
+            link.flush()
+            self._maybe_release(link)
+
+    def _write_whole(self, link: BackendLink, data: bytes, kinds: list[int]) -> None:
+        """Book a plain unit as the general path books its messages, and write it."""
+        if kinds is QUERY_ONLY:
+            # A simple Query drops the unnamed statement, for the client too.
+            self.unnamed_parse = self.unnamed_token = None
+            link.expect(K_QUERY)
+        else:
+            # What the unnamed Parse, Bind and Sync of a plain statement book.
+            self.unnamed_prepare = self.portal_prepare = self.unnamed_dep = None
+            self.unnamed_pin = self.unnamed_effects = None
+            self.unnamed_listen = self.portal_listen = ()
+            self.unnamed_sets = False
+            token = object()
+            self.unnamed_parse = data[: 1 + int.from_bytes(data[1:5], "big")]
+            self.unnamed_token = link.unnamed_of = token
+            link.expect_all(kinds)
         link.write(data)
-        link.flush()
-        return True
 
     # -- output -----------------------------------------------------------------------------
     def write_client(self, data: bytes) -> None:
@@ -356,10 +442,8 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         self.login = None
         slot, pid, secret = self.worker.claim_slot()
         self.slot, self.client_pid, self.client_secret = slot, pid, secret
-        out = [be.encode_parameter_status(k, v) for k, v in status.items()]
-        out.append(be.encode_backend_key_data(pid, secret))
-        out.append(RFQ_IDLE)
-        self.write_client(b"".join(out))
+        self.write_client(b"".join((self.worker.status_messages(status),
+                                    be.encode_backend_key_data(pid, secret), RFQ_IDLE)))
         self.uncork()
         self.phase = READY
         # A client may have pipelined messages behind its last login message.
@@ -430,6 +514,9 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         pending = self.pending
         while pending and self.link is link:
             mtype, payload, raw = pending.pop(0)
+            if mtype == WHOLE:
+                self._write_whole(link, raw, payload)  # type: ignore[arg-type]
+                continue
             try:
                 self._forward(link, mtype, payload, raw)
             except ProtocolViolation as exc:
@@ -484,7 +571,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         err = error_response("ERROR", sqlstate.QUERY_CANCELED,
                              "canceling statement due to user request")
         pending = self.pending
-        if pending[0][0] in (Q, F):
+        if pending[0][0] in (Q, F, WHOLE):  # (a whole unit fails as one Query does)
             pending.pop(0)
             out = [err, RFQ_IDLE]
         else:  # extended protocol: the rest up to Sync is skipped, as after any error
@@ -507,7 +594,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         failed = False
         while self.pending:
             mtype = self.pending.pop(0)[0]
-            if mtype == Q or mtype == F:
+            if mtype == Q or mtype == F or mtype == WHOLE:
                 out += (err, RFQ_IDLE)
             elif mtype == S:
                 out.append(RFQ_IDLE)

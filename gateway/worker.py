@@ -18,6 +18,7 @@ from ipc.cancel_table import CancelTable, new_secret
 from ipc.channel import Channel, connect
 from ipc.epoch import SharedEpoch
 from ipc.statement_catalog import HASHED_KEY, StatementCatalog, backend_name, key_of_name, sql_key
+from pgwire import backend as be
 from pgwire import frontend as fe
 from pgwire.quoting import quote_guc_name, quote_literal
 from supervisor.config import Config
@@ -116,6 +117,9 @@ class Worker:
         self.sessions: set[Session] = set()
         self.status_cache: OrderedDict[tuple, dict[str, str]] = OrderedDict()
         self.books: dict[frozenset, dict[str, tuple[str, str]]] = {}
+        # id(shared book) -> (book, its settings as text); id(status) -> (status, encoded)
+        self._settings_text: dict[int, tuple[dict, str]] = {}
+        self._status_bytes: dict[int, tuple[dict, bytes]] = {}
         # Parse body -> backend name, so the shared catalog is consulted once per text.
         self._statement_names: dict[bytes, bytes] = {}
         # Hash-named statements (catalog full) that parsed successfully here.
@@ -295,10 +299,26 @@ class Worker:
             return bname in self._known_hashed
         return self.catalog.parsed(key)
 
-    @staticmethod
-    def status_key(key: tuple[str, str], settings: dict[str, tuple[str, str]]) -> tuple:
-        """Cache key of the status report: (database, user) and the settings as text."""
-        return (key, orjson.dumps(sorted((low, v) for low, (_, v) in settings.items())).decode())
+    def status_key(self, key: tuple[str, str], settings: dict[str, tuple[str, str]]) -> tuple:
+        """Cache key of the status report: (database, user) and the settings as text
+        (worked out once per shared book: every login with the same settings has it)."""
+        memo = self._settings_text.get(id(settings))
+        if memo is None or memo[0] is not settings:
+            text = orjson.dumps(sorted((low, v) for low, (_, v) in settings.items())).decode()
+            if len(self._settings_text) >= SHARED_BOOKS_MAX:
+                self._settings_text.clear()
+            memo = self._settings_text[id(settings)] = (settings, text)
+        return (key, memo[1])
+
+    def status_messages(self, status: dict[str, str]) -> bytes:
+        """The ParameterStatus messages of a status report, encoded once per report."""
+        memo = self._status_bytes.get(id(status))
+        if memo is None or memo[0] is not status:
+            data = b"".join(be.encode_parameter_status(k, v) for k, v in status.items())
+            if len(self._status_bytes) >= STATUS_CACHE_SIZE:
+                self._status_bytes.clear()
+            memo = self._status_bytes[id(status)] = (status, data)
+        return memo[1]
 
     def forget_status(self, key: tuple[str, str]) -> None:
         """Role/database defaults changed: login status reports for ``key`` are stale."""

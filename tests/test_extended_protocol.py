@@ -485,3 +485,69 @@ def test_flush_keeps_the_backend_until_sync(two_backends):
         s.close()
         t.close()
         u.close()
+
+
+# ------------------------------------------------------------------ whole groups in one write
+
+
+def group(sql: str, *params: bytes, describe: str | None = "P", oids=()) -> list[bytes]:
+    """An unnamed Parse/Bind/[Describe]/Execute/Sync group, as pgbench -M extended and
+    psycopg send it: pgfleet answers these on its quickest path."""
+    msgs = [fe.encode_parse("", sql, list(oids)), fe.encode_bind("", "", list(params))]
+    if describe:
+        msgs.append(fe.encode_describe(describe, ""))
+    return [*msgs, fe.encode_execute(), fe.SYNC]
+
+
+def test_whole_groups_answer_as_postgres_does(one_backend):
+    s, d = via(one_backend), direct(one_backend)
+    try:
+        cases = [
+            group("select $1::int * 2 as twice", b"21"),
+            group("select $1::text as t, null::int as n", b"x", describe="S", oids=[TEXT]),
+            group("select g from generate_series(1, $1::int) g", b"3", describe=None),
+            group("select 1/0"),  # an error inside the group
+            group("select * from no_such_table"),  # a Parse that fails
+            [fe.encode_bind("", "", []), fe.encode_execute(), fe.SYNC],  # its statement is gone
+            group("select 'after'"),
+        ]
+        for _ in range(3):  # and again, on a backend that already served the session
+            for msgs in cases:
+                assert exchange(s, *msgs) == exchange(d, *msgs), msgs
+    finally:
+        s.close()
+        d.close()
+
+
+def test_group_that_changes_the_session_takes_the_full_path(one_backend):
+    s, other = via(one_backend), via(one_backend)
+    try:
+        got = exchange(s, *group("set application_name = 'quick-group'", describe=None))
+        assert got == [
+            ("ParseComplete",), ("BindComplete",), ("CommandComplete", "SET"),
+            ("ReadyForQuery", "I"),
+        ]
+        show = group("select current_setting('application_name')", describe=None)
+        # The only backend serves both: each session sees its own setting.
+        assert exchange(other, *show)[2] == ("DataRow", [b""])
+        assert exchange(s, *show)[2] == ("DataRow", [b"quick-group"])
+        assert exchange(other, *show)[2] == ("DataRow", [b""])
+    finally:
+        s.close()
+        other.close()
+
+
+def test_named_statements_and_pipelined_groups_beside_whole_groups(two_backends):
+    s, d = via(two_backends), direct(two_backends)
+    try:
+        named = [
+            fe.encode_parse("qs1", "select $1::int + 100", [INT4]),
+            fe.encode_bind("", "qs1", [b"1"]), fe.encode_execute(), fe.SYNC,
+        ]
+        again = [fe.encode_bind("", "qs1", [b"2"]), fe.encode_execute(), fe.SYNC]
+        for msgs in (named, again, group("select 5") + group("select 6"), again):
+            syncs = sum(m == fe.SYNC for m in msgs)
+            assert exchange(s, *msgs, syncs=syncs) == exchange(d, *msgs, syncs=syncs), msgs
+    finally:
+        s.close()
+        d.close()
