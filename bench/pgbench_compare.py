@@ -199,7 +199,9 @@ class Pgfleet:
         self.home = base / "home"
         self.port = free_port()
         self.password = password
-        self.args = ["--pool-size", str(pool_size), "--auth", "scram"]
+        self.pool_size = pool_size
+        self.auth = "scram"
+        self.args = ["--pool-size", str(pool_size)]
         if workers is not None:
             self.args += ["--workers", str(workers)]
         self.log_path = base / "pgfleet.log"
@@ -215,14 +217,15 @@ class Pgfleet:
 
     def cmd(self) -> list[str]:
         return [PGFLEET, "up", "--home", str(self.home), "--port", str(self.port),
-                "--password", self.password, *self.args]
+                "--password", self.password, "--auth", self.auth, *self.args]
 
     def start(self, timeout: float = 120.0) -> None:
+        ups = self.log().count("pgfleet is up")  # a restart appends to the same log
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.cmd(), stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True)
         wait_until_ready("pgfleet", self.proc, self.port, self.password, self.log, timeout,
-                         ready=lambda: "pgfleet is up" in self.log())
+                         ready=lambda: self.log().count("pgfleet is up") > ups)
 
     def log(self) -> str:
         try:
@@ -268,6 +271,7 @@ class PgBouncer:
         self.port = free_port()
         self.pg_socket_dir = pg_socket_dir
         self.pool_size = pool_size
+        self.auth_type = "scram-sha-256"
         self.ini = self.dir / "pgbouncer.ini"
         self.auth_file = self.dir / "userlist.txt"
         self.logfile = self.dir / "pgbouncer.log"
@@ -284,7 +288,7 @@ class PgBouncer:
             "listen_addr = 127.0.0.1",
             f"listen_port = {self.port}",
             "unix_socket_dir =",
-            "auth_type = scram-sha-256",
+            f"auth_type = {self.auth_type}",
             f"auth_file = {self.auth_file}",
             "pool_mode = transaction",
             f"default_pool_size = {self.pool_size}",
@@ -300,7 +304,7 @@ class PgBouncer:
 
     def start(self, scram_verifier: str, password: str, timeout: float = 30.0) -> None:
         pg = pwd.getpwnam("postgres")
-        self.dir.mkdir(mode=0o700)
+        self.dir.mkdir(mode=0o700, exist_ok=True)
         self.ini.write_text(self.ini_text())
         self.auth_file.write_text(f'"postgres" "{scram_verifier}"\n')
         for path in (self.dir, self.ini, self.auth_file):
@@ -678,7 +682,9 @@ def main(argv: list[str] | None = None) -> int:
                          f"PgBouncer may each hold {args.pool_size}; Postgres max_connections "
                          f"is {max_conn}, so direct runs may fail to connect")
         notes.append("direct = Postgres's Unix socket with trust auth (the embedded Postgres has "
-                     "no TCP listener); pgbouncer and pgfleet = TCP on 127.0.0.1 with SCRAM.")
+                     "no TCP listener); pgbouncer and pgfleet = TCP on 127.0.0.1 with SCRAM, "
+                     "except the 'simple, trust -C' rows, run after restarting both with "
+                     "trust authentication.")
         notes.append(f"all of pgbench, the pooler under test and Postgres share "
                      f"{os.cpu_count()} CPUs; PgBouncer is single-threaded, pgfleet runs "
                      f"{args.workers or os.cpu_count()} gateway worker(s) plus a pooler process.")
@@ -715,6 +721,26 @@ def main(argv: list[str] | None = None) -> int:
                     r = run_pgbench(target, "simple", conns[target], args, args.churn_clients,
                                     True, cpu_roots)
                     r["round"] = rnd
+                    runs.append(r)
+        if args.churn:
+            # -C again with trust: the cost of a connection without the SCRAM exchange.
+            log("restarting pgbouncer and pgfleet with trust authentication")
+            bouncer.stop()
+            fleet.stop()
+            bouncer.auth_type, fleet.auth = "trust", "trust"
+            fleet.start()
+            bouncer.start(verifier, password)
+            cpu_roots["pgfleet"]["pid"] = fleet.proc.pid
+            cpu_roots["pgbouncer"]["pid"] = bouncer.proc.pid
+            pm_pid = fleet.postmaster_pid()
+            cpu_roots["pgfleet"]["exclude"] = {pm_pid} if pm_pid else set()
+            cpu_roots["postgres"]["pid"] = pm_pid
+            for rnd in range(args.rounds):
+                for target in TARGETS:
+                    r = run_pgbench(target, "simple", conns[target], args, args.churn_clients,
+                                    True, cpu_roots)
+                    r["round"] = rnd
+                    r["mode"] = "simple, trust"
                     runs.append(r)
             if fleet.proc.poll() is not None:
                 raise BenchError(f"pgfleet exited during the benchmark:\n{fleet.log()}")
