@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import os
+import re
 import stringprep
 import unicodedata
 from dataclasses import dataclass
@@ -68,7 +70,7 @@ class AuthFailed(Exception):
         self.detail = detail
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, frozen=True)
 class ScramVerifier:
     """A pg_authid SCRAM secret, decoded."""
 
@@ -93,8 +95,10 @@ def _hmac(key: bytes, msg: bytes) -> bytes:
     return hmac.new(key, msg, hashlib.sha256).digest()
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_scram_verifier(rolpassword: str) -> ScramVerifier | None:
-    """``SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>`` -> ScramVerifier, else None."""
+    """``SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>`` -> ScramVerifier, else None
+    (remembered: every login of a role parses the same verifier)."""
     if not isinstance(rolpassword, str) or not rolpassword.startswith(SCRAM_SHA_256 + "$"):
         return None
     parts = rolpassword[len(SCRAM_SHA_256) + 1 :].split("$")
@@ -185,9 +189,12 @@ def _malformed(detail: str) -> ProtocolViolation:
     return ProtocolViolation(f"malformed SCRAM message: {detail}")
 
 
+_PRINTABLE = re.compile(r"[\x21-\x2b\x2d-\x7e]*")
+
+
 def _printable(value: str) -> bool:
     # RFC 5802 "printable": %x21-2B / %x2D-7E (no comma).
-    return all("\x21" <= ch <= "\x7e" and ch != "," for ch in value)
+    return _PRINTABLE.fullmatch(value) is not None
 
 
 def _attr(part: str, name: str) -> str:
@@ -341,7 +348,7 @@ class ScramServer:
         v = self._verifier
         # Same work on the mock path, so timing does not reveal it either.
         signature = _hmac(v.stored_key, auth_bytes)
-        client_key = bytes(a ^ b for a, b in zip(proof, signature, strict=True))
+        client_key = (int.from_bytes(proof) ^ int.from_bytes(signature)).to_bytes(_KEY_LEN)
         matches = hmac.compare_digest(hashlib.sha256(client_key).digest(), v.stored_key)
         if self._mock:
             raise AuthFailed(
