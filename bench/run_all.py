@@ -81,6 +81,22 @@ def firehose_cmd(port: int, home: Path, out: Path, **options: object) -> list[st
     return cmd
 
 
+def _start_group(cmd: list[str], logf, env: dict) -> subprocess.Popen:
+    """The firehose in a process group of its own: its load processes go with it."""
+    return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=pc.ROOT,
+                            start_new_session=True)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Kill what is left of a firehose run (interrupted, or past its timeout)."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
 def firehose(port: int, password: str, home: Path, out: Path, connections: int, churn: int,
              qps: int, duration: int, ramp: float, max_backends: int | None,
              timeout: float) -> dict:
@@ -91,8 +107,11 @@ def firehose(port: int, password: str, home: Path, out: Path, connections: int, 
     pc.log(f"firehose: {' '.join(cmd[2:])}")
     env = dict(os.environ, PGPASSWORD=password)
     with open(out.with_suffix(".log"), "wb") as logf:
-        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
-                              timeout=timeout, cwd=pc.ROOT)
+        proc = _start_group(cmd, logf, env)
+        try:
+            proc.wait(timeout)
+        finally:
+            _stop_group(proc)
     try:
         summary = json.loads((out / "firehose.json").read_text())
     except (OSError, ValueError):
@@ -109,16 +128,14 @@ def idle_memory(port: int, password: str, home: Path, out: Path, pids_of, client
     cmd = firehose_cmd(port, home, out, connections=clients, qps=0, duration=duration, ramp=ramp)
     env = dict(os.environ, PGPASSWORD=password)
     logf = open(out.with_suffix(".log"), "wb")
-    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=pc.ROOT)
+    proc = _start_group(cmd, logf, env)
     try:
         # Well after the ramp, before the end: every client is held and idle.
         time.sleep(ramp + 12)
         loaded = pss_bytes(pids_of())
         proc.wait(duration + 60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _stop_group(proc)
         logf.close()
     try:
         summary = json.loads((out / "firehose.json").read_text())
@@ -233,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             pargs += ["--clients", "10,50,200", "--workloads", "select-only,tpcb"]
         pc.log(f"pgbench_compare {' '.join(pargs)}")
         rc |= pc.main(pargs)
+        if rc == 130:  # interrupted: stop here, not at the next part
+            return rc
 
     scale: list[dict] = []
     memory: dict = {}
