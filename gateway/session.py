@@ -68,6 +68,7 @@ if TYPE_CHECKING:
 
 UNLISTEN_ALL = fe.encode_query("UNLISTEN *")
 _GROUP_KINDS = frozenset(b"PBDES")
+_BOUND_KINDS = frozenset(b"BDES")
 # A pending entry holding a whole plain unit: (WHOLE, reply kinds, its bytes).
 WHOLE = -1
 QUERY_ONLY = [K_QUERY]
@@ -219,9 +220,9 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             and not self.skip_until_sync
             and not self.framer.buffered()
         ):
-            kinds = self._plain_kinds(data)
-            if kinds is not None:
-                self._send_whole(data, kinds)
+            unit = self._plain_kinds(data) if data[:1] != b"B" else self._bound_unit(data)
+            if unit is not None:
+                self._send_whole(data, unit)
                 return
         try:
             if self.phase == READY:
@@ -296,7 +297,40 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         kinds.append(K_SYNC)
         return kinds
 
-    def _send_whole(self, data: bytes, kinds: list[int]) -> None:
+    def _bound_unit(self, data: bytes) -> bytes | None:
+        """The name of the statement when ``data`` is one whole Bind of a prepared
+        statement of ours that does nothing to the session, to the unnamed portal,
+        then an optional Describe of that portal, Execute and Sync (pgbench -M
+        prepared, asyncpg, JDBC once it prepares). None: the general path."""
+        n = len(data)
+        if n < 16 or data[5] or data[-5:] != SYNC_MSG or whole_messages(data, _BOUND_KINDS) != n:
+            return None
+        pos = 1 + int.from_bytes(data[1:5], "big")
+        name_end = data.find(b"\x00", 6, pos)
+        if name_end < 0:
+            return None
+        name = data[6:name_end]
+        if not name or name not in self.stmts or name in self.setting_stmts:
+            return None
+        if (
+            name in self.stmt_pins
+            or name in self.stmt_listen
+            or name in self.stmt_prepares
+            or name in self.sql_deps
+        ):
+            return None
+        last = n - 5
+        while pos < last:
+            mtype = data[pos]
+            if mtype == E:
+                if data[pos + 5]:
+                    return None
+            elif mtype != D or data[pos + 5 : pos + 7] != b"P\x00":
+                return None  # a second Bind, a Describe of a statement, an early Sync
+            pos += 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
+        return name
+
+    def _send_whole(self, data: bytes, kinds: list[int] | bytes) -> None:
         """Send a plain unit on an idle backend at hand, or queue it whole until one
         comes: either way it is booked and written once, never cut into messages."""
         link = self.worker.leases.take_idle(self.key)
@@ -313,8 +347,11 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             link.flush()
             self._maybe_release(link)
 
-    def _write_whole(self, link: BackendLink, data: bytes, kinds: list[int]) -> None:
+    def _write_whole(self, link: BackendLink, data: bytes, kinds: list[int] | bytes) -> None:
         """Book a plain unit as the general path books its messages, and write it."""
+        if type(kinds) is bytes:
+            self._write_bound(link, data, kinds)
+            return
         if kinds is QUERY_ONLY:
             # A simple Query drops the unnamed statement, for the client too.
             self.unnamed_parse = self.unnamed_token = None
@@ -330,6 +367,24 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             self.unnamed_token = link.unnamed_of = token
             link.expect_all(kinds)
         link.write(data)
+
+    def _write_bound(self, link: BackendLink, data: bytes, name: bytes) -> None:
+        """A unit from _bound_unit: the Bind names the backend's statement (parsed there
+        first if this backend lacks it), and each message is kept for a heal."""
+        self.portal_listen = ()
+        self.portal_prepare = None
+        bname = self._backend_stmt(link, name)  # never None: the name was checked
+        bind_end = 1 + int.from_bytes(data[1:5], "big")
+        bind = msg(B, b"\x00" + bname + data[6 + len(name) : bind_end])
+        link.send(K_BIND, bind, heal=self.stmts[name][1], names=(bname, name))
+        n = len(data)
+        pos = bind_end
+        while pos < n:
+            end = pos + 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
+            mtype = data[pos]
+            link.send(K_EXEC if mtype == E else K_DESC_P if mtype == D else K_SYNC,
+                      data[pos:end])
+            pos = end
 
     # -- output -----------------------------------------------------------------------------
     def write_client(self, data: bytes) -> None:

@@ -545,9 +545,35 @@ def test_named_statements_and_pipelined_groups_beside_whole_groups(two_backends)
             fe.encode_bind("", "qs1", [b"1"]), fe.encode_execute(), fe.SYNC,
         ]
         again = [fe.encode_bind("", "qs1", [b"2"]), fe.encode_execute(), fe.SYNC]
-        for msgs in (named, again, group("select 5") + group("select 6"), again):
+        described = [fe.encode_bind("", "qs1", [b"3"]), fe.encode_describe("P", ""),
+                     fe.encode_execute(), fe.SYNC]
+        for msgs in (named, again, group("select 5") + group("select 6"), again, described,
+                     again + described, described, again):
             syncs = sum(m == fe.SYNC for m in msgs)
             assert exchange(s, *msgs, syncs=syncs) == exchange(d, *msgs, syncs=syncs), msgs
     finally:
         s.close()
         d.close()
+
+
+def test_bound_statements_while_sessions_share_one_backend(one_backend):
+    """Bind/Execute/Sync of a prepared statement, from sessions taking turns on the only
+    backend: each runs its own statement, under its own name, whoever parsed first."""
+    a, b, d = via(one_backend), via(one_backend), direct(one_backend)
+    try:
+        for c, text in ((a, "select $1::int * 10"), (b, "select $1::int * 100")):
+            assert exchange(c, fe.encode_parse("mine", text, [INT4]), fe.SYNC) == [
+                ("ParseComplete",), ("ReadyForQuery", "I")]
+        for i in range(20):
+            arg = str(i).encode()
+            for c, factor in ((a, 10), (b, 100)):
+                got = exchange(c, fe.encode_bind("", "mine", [arg]), fe.encode_execute(),
+                               fe.SYNC)
+                assert got == [("BindComplete",), ("DataRow", [str(i * factor).encode()]),
+                               ("CommandComplete", "SELECT 1"), ("ReadyForQuery", "I")]
+        # A statement the session never prepared: Postgres's error, its name.
+        bad = [fe.encode_bind("", "other", []), fe.encode_execute(), fe.SYNC]
+        assert exchange(a, *bad) == exchange(d, *bad)
+    finally:
+        for c in (a, b, d):
+            c.close()
