@@ -518,8 +518,8 @@ def summarise(runs: list[dict]) -> list[dict]:
             r[f"vs_{ref}"] = round(r["tps"] / base["tps"], 3) if ok else None
     order = {t: i for i, t in enumerate(TARGETS)}
     rows.sort(key=lambda r: (r["churn"], r["workload"] != "select-only", r["workload"],
-                             r["clients"], MODES.index(r["mode"].split()[0]),
-                             order[r["target"]]))
+                             r["clients"], MODES.index(r["mode"].split(",")[0].split()[0]),
+                             "trust" in r["mode"], order[r["target"]]))
     return rows
 
 
