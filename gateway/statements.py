@@ -150,6 +150,15 @@ class StatementBook:
     def _parse(self, link: BackendLink, payload: bytes, raw: bytes) -> None:
         ne = cstr_end(payload, 0)
         name = payload[:ne]
+        if name in self.stmts:
+            # Refused before anything is booked: the existing statement keeps its pins,
+            # effects and dependencies, as in Postgres, where the failed Parse does nothing.
+            self._synth_error(
+                link,
+                sqlstate.DUPLICATE_PREPARED_STATEMENT,
+                f'prepared statement "{name.decode("utf-8", "replace")}" already exists',
+            )
+            return
         body = payload[ne + 1 :]
         qe = cstr_end(body, 0)
         query = body[:qe]
@@ -222,13 +231,6 @@ class StatementBook:
 
             link.expect(K_PARSE, on_done=parsed)
             link.write(raw)
-            return
-        if name in self.stmts:
-            self._synth_error(
-                link,
-                sqlstate.DUPLICATE_PREPARED_STATEMENT,
-                f'prepared statement "{name.decode("utf-8", "replace")}" already exists',
-            )
             return
         bname = self.worker.statement_name(body)
         entry = (bname, msg(P, bname + b"\x00" + body))

@@ -10,6 +10,10 @@ from __future__ import annotations
 import psycopg
 import pytest
 
+from pgwire import backend as be
+from pgwire import frontend as fe
+from tests.wire import RawClient, errors_in
+
 
 @pytest.fixture(scope="module")
 def one_backend(make_module_server):
@@ -81,3 +85,29 @@ def test_temp_table_never_visible_to_others(one_backend):
     finally:
         a.close()
         b.close()
+
+
+def test_refused_duplicate_parse_leaves_the_statement_as_it_was(one_backend):
+    """A second Parse of a name fails in Postgres without touching the first statement;
+    pgfleet must not book the refused text's effects either (here: forgetting that the
+    statement creates a temp table, so that running it would not pin)."""
+    holder = RawClient(one_backend.port)
+    other = psycopg.connect(one_backend.dsn(), autocommit=True, connect_timeout=10)
+    try:
+        holder.login_scram()
+        holder.send(fe.encode_parse("mk", "create temp table dup_pin(x int)") + fe.SYNC)
+        assert not errors_in(holder.read_until_ready())
+        holder.send(fe.encode_parse("mk", "select 1") + fe.SYNC)
+        errs = errors_in(holder.read_until_ready())
+        assert [e.sqlstate for e in errs] == ["42P05"]
+        holder.send(fe.encode_bind("", "mk", []) + fe.encode_execute() + fe.SYNC)
+        done = [m for m in holder.read_until_ready() if isinstance(m, be.CommandComplete)]
+        assert [m.tag for m in done] == ["CREATE TABLE"]
+        # The statement made a temp table: the session is pinned to the only backend.
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            other.execute("select 1")
+        assert not errors_in(holder.query("drop table dup_pin"))
+        assert other.execute("select 2").fetchone() == (2,)
+    finally:
+        holder.close()
+        other.close()
