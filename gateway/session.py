@@ -69,6 +69,10 @@ if TYPE_CHECKING:
 UNLISTEN_ALL = fe.encode_query("UNLISTEN *")
 _GROUP_KINDS = frozenset(b"PBDES")
 _BOUND_KINDS = frozenset(b"BDES")
+# The only lengths an Execute or Describe of the unnamed portal or statement can have
+# (checked exactly, so that the quick paths never pass on what the framer would refuse).
+_EXECUTE_HEAD = b"E\x00\x00\x00\x09"
+_DESCRIBE_HEAD = b"D\x00\x00\x00\x06"
 # A pending entry holding a whole plain unit: (WHOLE, reply kinds, its bytes).
 WHOLE = -1
 QUERY_ONLY = [K_QUERY]
@@ -279,11 +283,15 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
                 if data[body] or data[body + 1]:  # a named portal or statement
                     return None
                 kinds.append(K_BIND)
+                pos += 1 + int.from_bytes(data[pos + 1 : body], "big")
             elif mtype == E:
-                if data[body]:
+                if data[pos:body] != _EXECUTE_HEAD or data[body]:
                     return None
                 kinds.append(K_EXEC)
+                pos += 10
             elif mtype == D:
+                if data[pos:body] != _DESCRIBE_HEAD:
+                    return None
                 which = data[body : body + 2]
                 if which == b"P\x00":
                     kinds.append(K_DESC_P)
@@ -291,9 +299,11 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
                     kinds.append(K_DESC_S)
                 else:
                     return None
+                pos += 7
             else:  # another Parse, or a Sync before the end
                 return None
-            pos += 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
+        if pos != last:
+            return None  # the bytes that look like a Sync end another message
         kinds.append(K_SYNC)
         return kinds
 
@@ -321,14 +331,16 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             return None
         last = n - 5
         while pos < last:
-            mtype = data[pos]
-            if mtype == E:
+            head = data[pos : pos + 5]
+            if head == _EXECUTE_HEAD:
                 if data[pos + 5]:
                     return None
-            elif mtype != D or data[pos + 5 : pos + 7] != b"P\x00":
-                return None  # a second Bind, a Describe of a statement, an early Sync
-            pos += 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
-        return name
+                pos += 10
+            elif head == _DESCRIBE_HEAD and data[pos + 5 : pos + 7] == b"P\x00":
+                pos += 7
+            else:  # a second Bind, a Describe of a statement, an early Sync, a bad length
+                return None
+        return name if pos == last else None
 
     def _send_whole(self, data: bytes, kinds: list[int] | bytes) -> None:
         """Send a plain unit on an idle backend at hand, or queue it whole until one

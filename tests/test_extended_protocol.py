@@ -577,3 +577,41 @@ def test_bound_statements_while_sessions_share_one_backend(one_backend):
     finally:
         for c in (a, b, d):
             c.close()
+
+
+SYNC_LOOKALIKE = b"S\x00\x00\x00\x04"  # a Sync's five bytes, at the end of another message
+
+
+def test_messages_ending_in_sync_bytes_are_not_taken_for_a_sync(one_backend):
+    """A write whose last five bytes read as a Sync but belong to another message
+    (trailing bytes of an Execute or Describe, parameter type OIDs 83 and 4) is no
+    whole unit: Postgres has not been asked to answer yet, and the reply to the real
+    Sync that follows is Postgres's own."""
+    s, d = via(one_backend), direct(one_backend)
+    try:
+        assert exchange(s, fe.encode_parse("bq", "select 7"), fe.SYNC) == exchange(
+            d, fe.encode_parse("bq", "select 7"), fe.SYNC)
+        long_execute = b"E\x00\x00\x00\x0a\x00" + SYNC_LOOKALIKE  # one byte too many
+        long_describe = b"D\x00\x00\x00\x0bP\x00" + SYNC_LOOKALIKE
+        cases = [
+            [fe.encode_parse("", "select 1"), fe.encode_bind("", "", []), long_execute],
+            [fe.encode_parse("", "select 1"), fe.encode_bind("", "", []), fe.encode_execute(),
+             long_describe],
+            [fe.encode_parse("", "select $1::text", [83, 4])],
+            [fe.encode_bind("", "bq", []), long_execute],
+        ]
+        for msgs in cases:
+            data = b"".join(msgs)
+            assert data.endswith(SYNC_LOOKALIKE)
+            got, want = [], []
+            for c, out in ((s, got), (d, want)):
+                c.send(data)
+                out += exchange(c, fe.SYNC)
+                out += exchange(c, *group("select 'after'"))
+            assert got == want, msgs
+            # Each Sync was answered once: the only backend is free for another session.
+            with side_session(one_backend) as other:
+                assert other.execute("select 'other'").fetchone() == ("other",)
+    finally:
+        s.close()
+        d.close()
