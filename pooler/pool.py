@@ -123,6 +123,7 @@ class PoolManager:
         self.backends: dict[int, PooledBackend] = {}
         # Requests whose backend is being opened right now.
         self.opening_reqs: set[LeaseRequest] = set()
+        self.exiting = 0  # backends closed by us whose process has not gone yet
         self.urgent: deque[LeaseRequest] = deque()
         self.queues: dict[str, deque[LeaseRequest]] = {}  # user -> its waiting requests
         self._ids = itertools.count(1)
@@ -140,7 +141,9 @@ class PoolManager:
         return len(self.opening_reqs)
 
     def total(self) -> int:
-        return len(self.backends) + self.opening
+        """Backends that count against the cap: open, being opened, or closed by us and
+        not yet gone from Postgres (so a replacement never overlaps the one it replaces)."""
+        return len(self.backends) + self.opening + self.exiting
 
     def waiting(self) -> int:
         return len(self.urgent) + sum(len(q) for q in self.queues.values())
@@ -165,6 +168,7 @@ class PoolManager:
         return {
             **states,
             "opening": self.opening,
+            "exiting": self.exiting,
             "waiting": self.waiting(),
             "opened_total": self.opened_total,
             "closed_total": self.closed_total,
@@ -532,16 +536,16 @@ class PoolManager:
             self.loop.remove_reader(b.conn.sock.fileno())
         except (ValueError, OSError):
             pass
-        if b.state != "leased":
-            try:
+        try:
+            if b.state != "leased":
                 b.conn.sock.sendall(b"X\x00\x00\x00\x04")
-            except OSError:
-                pass
-        if b.state == "idle":
-            self._await_exit(b.conn, done)
-        else:
-            b.conn.close()
-            done.set_result(None)
+            else:
+                # Mid-stream for all we know (a holder gave it up, or died): no Terminate,
+                # an end of input is what the backend sees whatever it was reading.
+                b.conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self._await_exit(b.conn, done)
         return done
 
     def _await_exit(self, conn: BackendConn, done: asyncio.Future) -> None:
@@ -549,6 +553,7 @@ class PoolManager:
         has left pg_stat_activity), or after EXIT_WAIT; then set ``done``."""
         sock = conn.sock
         fd = sock.fileno()
+        self.exiting += 1
 
         def finish() -> None:
             if done.done():
@@ -560,6 +565,8 @@ class PoolManager:
                 pass
             conn.close()
             done.set_result(None)
+            self.exiting -= 1
+            self.loop.call_soon(self._pump)  # its place in the cap is free now
 
         def readable() -> None:
             try:

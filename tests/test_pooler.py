@@ -174,3 +174,30 @@ def test_auth_lookup_sees_new_and_changed_roles(worker, server):
         fresh, _ = worker.recv("auth_info")
         assert fresh["password"] != first["password"]
         conn.execute("drop role pooler_r1")
+
+
+def test_a_replacement_backend_never_overlaps_the_one_it_replaces(make_server):
+    """A lease given back 'dead' while its backend still runs a query: the pooler ends
+    its input and counts it against the pool until the process is gone, so Postgres
+    never has more backends than the pool size (what --max-backends checks)."""
+    srv = make_server("--workers", "1", "--pool-size", "2")
+    w = FakeWorker(str(srv.home / "ipc" / "pooler.sock"))
+    held = []
+    try:
+        held = [w.lease(), w.lease()]
+        (old, old_sock) = held.pop(0)
+        old_sock.sendall(fe.encode_query("select pg_sleep(0.5)"))
+        w.send({"op": "release", "id": old["id"], "state": "dead"})
+        old_sock.close()
+        held.append(w.lease())
+        with psycopg.connect(srv.direct_dsn(), autocommit=True) as conn:
+            alive = conn.execute("select count(*) from pg_stat_activity where pid = %s",
+                                 (old["pid"],)).fetchone()[0]
+        assert alive == 0, "a new backend was opened while the old one still ran"
+        new, new_sock = held[-1]
+        assert query(new_sock, "select 1") == [[b"1"]]
+    finally:
+        for m, s in held:
+            w.send({"op": "release", "id": m["id"], "state": "clean"})
+            s.close()
+        w.close()
