@@ -8,6 +8,7 @@ ways a run must refuse or fail: a non-loopback target, a wrong password.
 from __future__ import annotations
 
 import asyncio
+import base64
 import csv
 import json
 import subprocess
@@ -99,8 +100,10 @@ def test_wrong_password_fails_clearly(fleet, tmp_path):
 
 
 def test_scram_pbkdf2_runs_once_per_password(fleet):
-    """Three SCRAM logins in one process: PBKDF2 runs for the first only."""
+    """Three SCRAM logins in one process: PBKDF2 runs for the first only; scramp checks
+    the first exchange, the later ones take the generator's own quick path."""
     proto._scram_keys.cache_clear()
+    proto._SCRAMP_CHECKED.clear()
     creds = proto.Credentials("postgres", PASSWORD, "postgres")
 
     async def logins() -> list:
@@ -114,6 +117,22 @@ def test_scram_pbkdf2_runs_once_per_password(fleet):
     assert asyncio.run(asyncio.wait_for(logins(), 60)) == [[["1"]]] * 3
     info = proto._scram_keys.cache_info()
     assert (info.misses, info.hits) == (1, 2), info
+    assert ("postgres", PASSWORD) in proto._SCRAMP_CHECKED
+
+
+def test_scram_quick_path_still_checks_the_server() -> None:
+    """A server-first message whose nonce does not extend ours, or a server signature
+    that does not match, fails the login on the quick path too."""
+    proto._SCRAMP_CHECKED.add(("u", "pw"))
+    s = proto._Scram("u", "pw")
+    assert s.client is None and s.first().startswith(b"n,,n=,r=")
+    with pytest.raises(proto.PgError, match="bad server-first"):
+        s.final(b"r=someone-elses-nonce,s=c2FsdA==,i=4096")
+    s = proto._Scram("u", "pw")
+    s.first()
+    s.final(f"r={s.nonce}more,s=c2FsdA==,i=4096".encode())
+    with pytest.raises(proto.PgError, match="does not match"):
+        s.check(b"v=" + base64.b64encode(bytes(32)))
 
 
 def test_firehose_md5_login(make_module_server, tmp_path):
