@@ -216,18 +216,26 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
 
     def data_received(self, data: bytes) -> None:
         if (
-            self.link is None
-            and self.phase == READY
+            self.phase == READY
             and not self.pending
             and self.held is None
             and self.listen is None
             and not self.skip_until_sync
             and not self.framer.buffered()
         ):
-            unit = self._plain_kinds(data) if data[:1] != b"B" else self._bound_unit(data)
-            if unit is not None:
-                self._send_whole(data, unit)
-                return
+            link = self.link
+            if link is None:
+                unit = self._plain_kinds(data) if data[:1] != b"B" else self._bound_unit(data)
+                if unit is not None:
+                    self._send_whole(data, unit)
+                    return
+            elif not self.unsynced and not link.copy_in and not link.dead:
+                # Inside a transaction (or a pinned session): the backend is ours already.
+                unit = self._plain_kinds(data) if data[:1] != b"B" else self._bound_unit(data)
+                if unit is not None:
+                    self._write_whole(link, data, unit)
+                    link.flush()
+                    return
         try:
             if self.phase == READY:
                 framer = self.framer

@@ -615,3 +615,33 @@ def test_messages_ending_in_sync_bytes_are_not_taken_for_a_sync(one_backend):
     finally:
         s.close()
         d.close()
+
+
+def test_whole_units_inside_a_transaction_answer_as_postgres_does(one_backend):
+    """While the session holds its backend (a transaction, a temp table), whole units
+    go straight to it; errors, the failed transaction and its end match Postgres."""
+    s, d = via(one_backend), direct(one_backend)
+    try:
+        steps = [
+            [fe.encode_query("begin")],
+            group("select $1::int * 3", b"7"),
+            [fe.encode_query("create temp table tx_whole(x int)")],
+            group("insert into tx_whole values ($1::int)", b"5", describe=None),
+            [fe.encode_query("select x from tx_whole")],
+            [fe.encode_parse("txs", "select count(*) from tx_whole"), fe.SYNC],
+            [fe.encode_bind("", "txs", []), fe.encode_execute(), fe.SYNC],
+            group("select 1/0"),  # the transaction fails
+            [fe.encode_query("select 1")],  # refused in a failed transaction
+            group("select 2"),
+            [fe.encode_query("rollback")],
+            [fe.encode_query("select to_regclass('tx_whole') is null")],
+            [fe.encode_close("S", "txs"), fe.SYNC],
+        ]
+        for msgs in steps:
+            assert exchange(s, *msgs) == exchange(d, *msgs), msgs
+        # The session gave its backend back: another session can use the only one.
+        with side_session(one_backend) as other:
+            assert other.execute("select 'free'").fetchone() == ("free",)
+    finally:
+        s.close()
+        d.close()
