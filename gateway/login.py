@@ -162,8 +162,7 @@ class Login:
         # it, ask the pooler, which may know the report from another worker.
         info = worker.role_facts.get(user, database) if status is not None else None
         if info is None:
-            asked_at = worker.role_facts.epoch.value
-            info = await worker.pooler.auth(user, database, cache_key[1])
+            asked_at, info = await worker.pooler.auth(user, database, cache_key[1])
             if "error" in info:
                 raise LoginFailed(sqlstate.CANNOT_CONNECT_NOW, str(info["error"]))
             worker.role_facts.remember(user, database, asked_at, info)

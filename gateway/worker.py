@@ -44,6 +44,7 @@ class PoolerClient:
         self.channel = channel
         self._ids = itertools.count(1)
         self._calls: dict[int, asyncio.Future] = {}
+        self._auth_inflight: dict[tuple[str, str, str], asyncio.Task] = {}
         channel.on_message = self.on_message
         channel.on_close = self.on_close
 
@@ -60,11 +61,29 @@ class PoolerClient:
         finally:
             self._calls.pop(rid, None)
 
-    async def auth(self, user: str, database: str, skey: str) -> dict:
+    async def auth(self, user: str, database: str, skey: str) -> tuple[int, dict]:
         """Role facts for a login, and the startup status report if the pooler knows
-        it for these settings (``skey``). The pooler's cache is the one place a refused
-        login refreshes, for every worker at once (see ``role_facts``)."""
-        return await self.call({"op": "auth", "user": user, "db": database, "skey": skey})
+        it for these settings (``skey``), with the role-facts epoch read before asking.
+        The pooler's cache is the one place a refused login refreshes, for every worker
+        at once (see ``role_facts``). Logins that need the same answer while one is on
+        its way share it: under load the reply waits behind a busy loop, and every
+        login in that window would otherwise ask again."""
+        key = (user, database, skey)
+        task = self._auth_inflight.get(key)
+        if task is None:
+            asked_at = self.worker.role_facts.epoch.value
+            task = self.worker.loop.create_task(self._auth(asked_at, user, database, skey))
+            self._auth_inflight[key] = task
+            task.add_done_callback(lambda t: self._auth_done(key, t))
+        return await asyncio.shield(task)
+
+    async def _auth(self, asked_at: int, user: str, database: str, skey: str) -> tuple[int, dict]:
+        return asked_at, await self.call({"op": "auth", "user": user, "db": database, "skey": skey})
+
+    def _auth_done(self, key: tuple[str, str, str], task: asyncio.Task) -> None:
+        self._auth_inflight.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: the logins that shared it may all be gone
 
     def invalidate(self, user: str) -> None:
         self.send({"op": "invalidate", "user": user})

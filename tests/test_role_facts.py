@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from gateway import role_facts
 from gateway.role_facts import RoleFacts
+from gateway.worker import PoolerClient
 from ipc.codec import IpcError
 from ipc.epoch import SharedEpoch
 from ipc.shm import create_segment, unlink_segment
@@ -91,3 +94,35 @@ def test_forget_drops_every_database_of_the_user(epoch):
     facts.forget("alice")
     assert facts.get("alice", "a") is None and facts.get("alice", "b") is None
     assert facts.get("bob", "a") is not None
+
+
+def test_logins_waiting_for_the_same_facts_share_one_request() -> None:
+    """While the pooler's answer is on its way, more logins for the same role ask
+    nothing more: they get the one answer, with the epoch read when it was asked."""
+    sent: list[dict] = []
+    channel = SimpleNamespace(send=sent.append, on_message=None, on_close=None)
+
+    async def main() -> list:
+        epoch = SimpleNamespace(value=7)
+        worker = SimpleNamespace(loop=asyncio.get_running_loop(),
+                                 role_facts=SimpleNamespace(epoch=epoch), leases=None)
+        client = PoolerClient(worker, channel)  # type: ignore[arg-type]
+        logins = [asyncio.ensure_future(client.auth("u", "db", "k")) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        epoch.value = 8  # moved after asking: the answer must keep the older epoch
+        late = asyncio.ensure_future(client.auth("u", "db", "k"))
+        other = asyncio.ensure_future(client.auth("v", "db", "k"))
+        await asyncio.sleep(0.01)
+        assert [m["user"] for m in sent] == ["u", "v"]
+        for m in sent:
+            client.on_message({"op": "auth", "req": m["req"], "user": m["user"]}, [])
+        got = await asyncio.gather(*logins, late, other)
+        # Asked again once the answer is in: a new request.
+        again = asyncio.ensure_future(client.auth("u", "db", "k"))
+        await asyncio.sleep(0.01)
+        assert len(sent) == 3
+        again.cancel()
+        return got
+
+    got = asyncio.run(main())
+    assert [(epoch, info["user"]) for epoch, info in got] == [(7, "u")] * 4 + [(8, "v")]
