@@ -40,7 +40,6 @@ E, Z, T, n_ = ord("E"), ord("Z"), ord("T"), ord("n")
 _PASS = frozenset(b"TDCNI")  # RowDescription, DataRow, CommandComplete, Notice, EmptyQuery
 _LEN = struct.Struct("!I")
 _Z_HEAD = b"Z\x00\x00\x00\x05"  # ReadyForQuery, all but its status byte
-SYNC_MSG = b"S\x00\x00\x00\x04"
 
 
 def whole_messages(data: bytes, kinds: frozenset[int]) -> int:

@@ -31,7 +31,6 @@ from .backend import (
     K_PARSE,
     K_QUERY,
     K_SYNC,
-    SYNC_MSG,
     whole_messages,
 )
 from .classify import PLAIN, effects
@@ -224,17 +223,16 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             and not self.framer.buffered()
         ):
             link = self.link
-            if link is None:
+            # Held (a transaction, a pinned session): the backend is ours already, unless
+            # extended messages wait for their Sync or COPY is under way.
+            if link is None or (not self.unsynced and not link.copy_in and not link.dead):
                 unit = self._plain_kinds(data) if data[:1] != b"B" else self._bound_unit(data)
                 if unit is not None:
-                    self._send_whole(data, unit)
-                    return
-            elif not self.unsynced and not link.copy_in and not link.dead:
-                # Inside a transaction (or a pinned session): the backend is ours already.
-                unit = self._plain_kinds(data) if data[:1] != b"B" else self._bound_unit(data)
-                if unit is not None:
-                    self._write_whole(link, data, unit)
-                    link.flush()
+                    if link is None:
+                        self._send_whole(data, unit)
+                    else:
+                        self._write_whole(link, data, unit)
+                        link.flush()
                     return
         try:
             if self.phase == READY:
@@ -273,7 +271,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             if n != int.from_bytes(data[1:5], "big") + 1 or effects(data[5:-1]) is not PLAIN:
                 return None
             return QUERY_ONLY
-        if first != P or n < 11 or data[5] or data[-5:] != SYNC_MSG:
+        if first != P or n < 11 or data[5] or data[-5:] != fe.SYNC:
             return None
         if whole_messages(data, _GROUP_KINDS) != n:
             return None
@@ -321,7 +319,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         then an optional Describe of that portal, Execute and Sync (pgbench -M
         prepared, asyncpg, JDBC once it prepares). None: the general path."""
         n = len(data)
-        if n < 16 or data[5] or data[-5:] != SYNC_MSG or whole_messages(data, _BOUND_KINDS) != n:
+        if n < 16 or data[5] or data[-5:] != fe.SYNC or whole_messages(data, _BOUND_KINDS) != n:
             return None
         pos = 1 + int.from_bytes(data[1:5], "big")
         name_end = data.find(b"\x00", 6, pos)

@@ -10,6 +10,8 @@ import resource
 import signal
 import socket
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import TypeVar
 
 import orjson
 import uvloop
@@ -30,6 +32,7 @@ from .role_facts import RoleFacts
 from .session import Session
 
 log = logging.getLogger("pgfleet.gateway")
+T = TypeVar("T")
 
 STATUS_CACHE_SIZE = 1024
 SHARED_BOOKS_MAX = 4096
@@ -137,8 +140,8 @@ class Worker:
         self.status_cache: OrderedDict[tuple, dict[str, str]] = OrderedDict()
         self.books: dict[frozenset, dict[str, tuple[str, str]]] = {}
         # id(shared book) -> (book, its settings as text); id(status) -> (status, encoded)
-        self._settings_text: dict[int, tuple[dict, str]] = {}
-        self._status_bytes: dict[int, tuple[dict, bytes]] = {}
+        self._settings_text: dict[int, tuple[object, str]] = {}
+        self._status_bytes: dict[int, tuple[object, bytes]] = {}
         # Parse body -> backend name, so the shared catalog is consulted once per text.
         self._statement_names: dict[bytes, bytes] = {}
         # Hash-named statements (catalog full) that parsed successfully here.
@@ -321,23 +324,18 @@ class Worker:
     def status_key(self, key: tuple[str, str], settings: dict[str, tuple[str, str]]) -> tuple:
         """Cache key of the status report: (database, user) and the settings as text
         (worked out once per shared book: every login with the same settings has it)."""
-        memo = self._settings_text.get(id(settings))
-        if memo is None or memo[0] is not settings:
-            text = orjson.dumps(sorted((low, v) for low, (_, v) in settings.items())).decode()
-            if len(self._settings_text) >= SHARED_BOOKS_MAX:
-                self._settings_text.clear()
-            memo = self._settings_text[id(settings)] = (settings, text)
-        return (key, memo[1])
+        text = _once_per_object(
+            self._settings_text, settings, SHARED_BOOKS_MAX,
+            lambda: orjson.dumps(sorted((low, v) for low, (_, v) in settings.items())).decode(),
+        )
+        return (key, text)
 
     def status_messages(self, status: dict[str, str]) -> bytes:
         """The ParameterStatus messages of a status report, encoded once per report."""
-        memo = self._status_bytes.get(id(status))
-        if memo is None or memo[0] is not status:
-            data = b"".join(be.encode_parameter_status(k, v) for k, v in status.items())
-            if len(self._status_bytes) >= STATUS_CACHE_SIZE:
-                self._status_bytes.clear()
-            memo = self._status_bytes[id(status)] = (status, data)
-        return memo[1]
+        return _once_per_object(
+            self._status_bytes, status, STATUS_CACHE_SIZE,
+            lambda: b"".join(be.encode_parameter_status(k, v) for k, v in status.items()),
+        )
 
     def forget_status(self, key: tuple[str, str]) -> None:
         """Role/database defaults changed: login status reports for ``key`` are stale."""
@@ -398,6 +396,19 @@ def raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _once_per_object(memo: dict[int, tuple[object, T]], obj: object, limit: int,
+                     make: Callable[[], T]) -> T:
+    """``make()`` worked out once per object, for objects shared by many sessions
+    (settings books, status reports). Keyed by identity, and the object is kept with
+    its value, so a recycled id never returns another object's value."""
+    hit = memo.get(id(obj))
+    if hit is None or hit[0] is not obj:
+        if len(memo) >= limit:
+            memo.clear()
+        hit = memo[id(obj)] = (obj, make())
+    return hit[1]
 
 
 def main(cfg_dict: dict, index: int, listen_fd: int) -> None:
