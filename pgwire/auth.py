@@ -173,15 +173,25 @@ def _password_bytes(password: str) -> bytes:
     return saslprep(password).encode("utf-8", "surrogatepass")
 
 
+def scram_keys(password: str, salt: bytes, iterations: int) -> tuple[bytes, bytes, bytes]:
+    """(ClientKey, StoredKey, ServerKey) of RFC 5802 for a password: one PBKDF2."""
+    salted = hashlib.pbkdf2_hmac("sha256", _password_bytes(password), salt, iterations)
+    client_key = _hmac(salted, b"Client Key")
+    return client_key, hashlib.sha256(client_key).digest(), _hmac(salted, b"Server Key")
+
+
+def xor_key(a: bytes, b: bytes) -> bytes:
+    """a XOR b for two 32-byte SCRAM values (a proof and a signature)."""
+    return (int.from_bytes(a) ^ int.from_bytes(b)).to_bytes(_KEY_LEN)
+
+
 def scram_client_verifier(
     password: str, iterations: int = DEFAULT_ITERATIONS, salt: bytes | None = None
 ) -> str:
     """Build a pg_authid-format SCRAM secret (what ``ALTER ROLE ... PASSWORD`` stores)."""
     if salt is None:
         salt = os.urandom(_SALT_LEN)
-    salted = hashlib.pbkdf2_hmac("sha256", _password_bytes(password), salt, iterations)
-    stored_key = hashlib.sha256(_hmac(salted, b"Client Key")).digest()
-    server_key = _hmac(salted, b"Server Key")
+    _, stored_key, server_key = scram_keys(password, salt, iterations)
     return f"{SCRAM_SHA_256}${iterations}:{_b64(salt)}${_b64(stored_key)}:{_b64(server_key)}"
 
 
@@ -348,7 +358,7 @@ class ScramServer:
         v = self._verifier
         # Same work on the mock path, so timing does not reveal it either.
         signature = _hmac(v.stored_key, auth_bytes)
-        client_key = (int.from_bytes(proof) ^ int.from_bytes(signature)).to_bytes(_KEY_LEN)
+        client_key = xor_key(proof, signature)
         matches = hmac.compare_digest(hashlib.sha256(client_key).digest(), v.stored_key)
         if self._mock:
             raise AuthFailed(

@@ -18,7 +18,6 @@ import asyncio
 import base64
 import copy
 import functools
-import hashlib
 import hmac
 import os
 import struct
@@ -29,7 +28,7 @@ from scramp import ScramClient
 from scramp.core import Nonce
 from scramp.utils import ScramException
 
-from pgwire.auth import saslprep
+from pgwire.auth import md5_client_response, scram_keys, xor_key
 
 PROTOCOL_V3 = 196608
 TERMINATE = b"X\x00\x00\x00\x04"
@@ -125,8 +124,7 @@ def _error_fields(payload: bytes) -> dict[str, str]:
 
 
 def md5_response(password: str, user: str, salt: bytes) -> bytes:
-    inner = hashlib.md5(password.encode() + user.encode()).hexdigest()
-    return b"md5" + hashlib.md5(inner.encode() + salt).hexdigest().encode()
+    return md5_client_response(password, user, salt).encode()
 
 
 # ----------------------------------------------------------------------------- SCRAM
@@ -136,13 +134,7 @@ def md5_response(password: str, user: str, salt: bytes) -> bytes:
 def _scram_keys(password: str, salt: bytes, iterations: int) -> tuple[bytes, bytes, bytes]:
     """(client key, stored key, server key) for a password: the PBKDF2 that a load
     generator must not repeat per login."""
-    salted = hashlib.pbkdf2_hmac("sha256", saslprep(password).encode(), salt, iterations)
-    client_key = hmac.digest(salted, b"Client Key", "sha256")
-    return (
-        client_key,
-        hashlib.sha256(client_key).digest(),
-        hmac.digest(salted, b"Server Key", "sha256"),
-    )
+    return scram_keys(password, salt, iterations)
 
 
 @functools.lru_cache(maxsize=64)
@@ -202,7 +194,7 @@ class _Scram:
         without_proof = f"c=biws,r={nonce}"
         auth_message = f"{first_bare},{text},{without_proof}".encode()
         signature = hmac.digest(stored_key, auth_message, "sha256")
-        proof = (int.from_bytes(client_key, "big") ^ int.from_bytes(signature, "big")).to_bytes(32, "big")
+        proof = xor_key(client_key, signature)
         self.server_signature = hmac.digest(server_key, auth_message, "sha256")
         return f"{without_proof},p={base64.b64encode(proof).decode()}".encode()
 
