@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from ipc.statement_catalog import StatementCatalog
+from pgwire import frontend as fe
 
 from .connect import BackendConn, BackendError, open_backend
 
@@ -538,7 +539,7 @@ class PoolManager:
             pass
         try:
             if b.state != "leased":
-                b.conn.sock.sendall(b"X\x00\x00\x00\x04")
+                b.conn.sock.sendall(fe.TERMINATE)
             else:
                 # Mid-stream for all we know (a holder gave it up, or died): no Terminate,
                 # an end of input is what the backend sees whatever it was reading.
