@@ -48,22 +48,46 @@ class LoginFailed(Exception):
         self.detail = detail
 
 
+class _NextMessage:
+    """What the login awaits for the client's next message. The login's own driver
+    (not an asyncio Task) sees it and resumes the login straight from data_received:
+    no future, no task wakeup, no loop turn per message."""
+
+    __slots__ = ()
+
+    def __await__(self):
+        yield self
+
+
+_NEXT_MESSAGE = _NextMessage()
+
+
 class Login:
-    """Drives one client's login; lives only until the session is ready or gone."""
+    """Drives one client's login; lives only until the session is ready or gone.
+
+    The login is a coroutine stepped by :meth:`_step` rather than an asyncio Task:
+    it runs at once up to its first wait, so a login whose role facts and status
+    report are at hand (most of them) completes inside the read of its startup
+    packet, and each later client message resumes it directly. Futures it awaits
+    (the pooler's answer, a backend, PBKDF2 in a thread) resume it through their
+    done callback, as a Task would."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
         self.worker = session.worker
         self.loop = self.worker.loop
-        self.task: asyncio.Task | None = None
-        self._wakeup: asyncio.Future | None = None
+        self._coro = None
+        self._running = False
+        self._awaits_message = False
         self._link_fut: asyncio.Future | None = None
         self.timer = self.loop.call_later(self.worker.cfg.auth_timeout, self._timed_out)
 
     def abort(self) -> None:
+        """The session is gone: stop the login where it waits (its finally blocks run)."""
         self.timer.cancel()
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
+        coro, self._coro = self._coro, None
+        if coro is not None and not self._running:
+            coro.close()
         if self._link_fut is not None and not self._link_fut.done():
             self._link_fut.cancel()
 
@@ -71,12 +95,36 @@ class Login:
         self.session.fatal(sqlstate.PROTOCOL_VIOLATION, "canceling authentication due to timeout")
 
     def start(self, msg: fe.StartupMessage) -> None:
-        self.task = self.worker.spawn(self._run(msg))
+        self._coro = self._run(msg)
+        self._step()
 
     def wake(self) -> None:
-        w = self._wakeup
-        if w is not None and not w.done():
-            w.set_result(None)
+        """Bytes arrived from the client: resume a login waiting for a message."""
+        if self._awaits_message:
+            self._awaits_message = False
+            self._step()
+
+    def _step(self, _done: object = None) -> None:
+        coro = self._coro
+        if coro is None or self._running:
+            return
+        self._running = True
+        try:
+            waited = coro.send(None)
+        except StopIteration:
+            self._coro = None
+            return
+        finally:
+            self._running = False
+        if self._coro is None:  # aborted while it ran
+            coro.close()
+        elif waited is _NEXT_MESSAGE:
+            self._awaits_message = True
+        elif waited is None:  # a bare yield (asyncio.sleep(0))
+            self.loop.call_soon(self._step)
+        else:  # a future: resume when it is done, as a Task would
+            waited._asyncio_future_blocking = False
+            waited.add_done_callback(self._step)
 
     async def _message(self) -> tuple[int, bytes]:
         framer = self.session.framer
@@ -84,8 +132,7 @@ class Login:
             m = framer.next_message()
             if m is not None:
                 return m[0], m[1]
-            self._wakeup = self.loop.create_future()
-            await self._wakeup
+            await _NEXT_MESSAGE
 
     async def _password_message(self, expected: str) -> bytes:
         mtype, payload = await self._message()

@@ -10,6 +10,7 @@ small messages costs O(n), not O(n^2).
 from __future__ import annotations
 
 import struct
+from functools import lru_cache
 
 from pgwire.errors import ProtocolViolation
 
@@ -41,8 +42,10 @@ _unpack_u32 = _U32.unpack_from
 Data = bytes | bytearray | memoryview
 
 
+@lru_cache(maxsize=64)
 def _limit_table(frontend: bool, max_length: int | None) -> tuple[int, ...]:
-    """Per-type-byte length limit; -1 marks a type byte that is not allowed."""
+    """Per-type-byte length limit; -1 marks a type byte that is not allowed.
+    Shared by every framer with the same limits (one per connection otherwise)."""
     if not frontend:
         limit = LARGE_MESSAGE_LIMIT if max_length is None else max_length
         return (limit,) * 256

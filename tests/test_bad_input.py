@@ -269,6 +269,25 @@ def test_stalled_scram_exchange_dropped_after_auth_timeout(server):
         assert_fatal_then_eof(c, "08P01", AUTH_TIMEOUT)
 
 
+def test_clients_that_vanish_at_each_step_of_scram_leave_the_worker_serving(server):
+    """A login waits for the client at each SCRAM step; a client that closes or
+    resets there ends only its own login (the login is stopped where it waits)."""
+    pids = server.child_pids()
+    for _round in range(3):
+        for step in range(3):
+            for vanish in (RawClient.close, RawClient.abort):
+                c = RawClient(server.port)
+                try:
+                    c.startup()
+                    if step >= 1:
+                        c.answer_auth(c.expect_auth(be.AUTH_SASL), "postgres", PASSWORD)
+                    if step >= 2:
+                        c.answer_auth(c.expect_auth(be.AUTH_SASL_CONTINUE), "postgres", PASSWORD)
+                finally:
+                    vanish(c)
+    assert_healthy(server, pids)
+
+
 def test_many_silent_clients_do_not_block_others(server):
     """Twenty idle half-open connections: a real client logs in meanwhile, all are dropped."""
     pids = server.child_pids()

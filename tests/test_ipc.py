@@ -641,6 +641,16 @@ def test_new_secret():
     assert len(values) > 990
 
 
+def test_forked_workers_never_share_secrets():
+    """Secrets come from a per-process batch: a worker forked after its parent drew
+    one must not hand out the rest of the parent's batch."""
+    new_secret()  # the parent now holds a partly used batch
+    children = [in_child(lambda: [new_secret() for _ in range(20)]) for _ in range(2)]
+    parent = [new_secret() for _ in range(20)]
+    assert not set(children[0]) & set(children[1])
+    assert not set(parent) & (set(children[0]) | set(children[1]))
+
+
 def test_cancel_table_cross_process(table_name):
     table = CancelTable.create(table_name, 64)
     try:
