@@ -17,7 +17,7 @@ import pytest
 
 from bench.firehose import proto
 from bench.firehose.main import CSV_COLUMNS
-from tests.conftest import PASSWORD, PGFLEET, ROOT
+from tests.conftest import PASSWORD, PGFLEET, ROOT, free_port
 
 RUN_TIMEOUT = 120  # the 10 s run plus startup and drain, on a busy 2-core machine
 
@@ -144,3 +144,31 @@ def test_firehose_md5_login(make_module_server, tmp_path):
     assert proc.returncode == 0, explain(proc, server)
     summary = json.loads((tmp_path / "firehose.json").read_text())
     assert summary["totals"]["opened"] >= 20 and summary["totals"]["queries"] > 0, summary
+
+
+def test_generator_connects_without_a_resolver():
+    """The generator's own non-blocking connect: it reaches a listener, and a port
+    nobody listens on fails as "connection refused" (the failure the summary counts)."""
+    import socket
+
+    import uvloop
+
+    from bench.firehose.worker import _os_kind, _sock_connect
+
+    async def attempt(port: int) -> str:
+        loop = asyncio.get_running_loop()
+        with socket.socket() as sock:
+            sock.setblocking(False)
+            try:
+                await asyncio.wait_for(_sock_connect(loop, sock, ("127.0.0.1", port)), 10)
+            except OSError as exc:
+                return _os_kind(exc)
+            return "connected to " + str(sock.getpeername()[1])
+
+    port = free_port()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", port))
+        listener.listen(1)
+        assert uvloop.run(attempt(port)) == f"connected to {port}"
+    # The listener is closed now: nothing accepts on that port any more.
+    assert uvloop.run(attempt(port)) == "connection refused"

@@ -76,6 +76,27 @@ def _cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+async def _sock_connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: tuple) -> None:
+    """Non-blocking connect to an IP address. ``loop.sock_connect`` would first run
+    getaddrinfo on uvloop's thread pool (it skips its numeric fast path for a socket
+    type of 0): a thread handoff per connection, a fifth of the generator's CPU."""
+    try:
+        sock.connect(addr)
+        return
+    except BlockingIOError:
+        pass
+    fd = sock.fileno()
+    writable = loop.create_future()
+    loop.add_writer(fd, writable.set_result, None)
+    try:
+        await writable
+    finally:
+        loop.remove_writer(fd)
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
+
+
 def _os_kind(exc: OSError) -> str:
     if exc.errno == errno.EADDRNOTAVAIL:
         return "no free source port (EADDRNOTAVAIL)"
@@ -278,7 +299,7 @@ class Worker:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.bind((ip, 0))
             async with asyncio.timeout(plan.connect_timeout):
-                await self.loop.sock_connect(sock, (plan.host, plan.port))
+                await _sock_connect(self.loop, sock, (plan.host, plan.port))
                 await self.loop.create_connection(lambda: conn, sock=sock)
                 sock = None  # the transport owns it now
                 err = await fut
