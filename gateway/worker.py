@@ -25,6 +25,7 @@ from pgwire import frontend as fe
 from pgwire.quoting import quote_guc_name, quote_literal
 from supervisor.config import Config
 
+from . import gc_policy
 from .backend import K_QUERY, BackendLink
 from .leases import LeaseManager
 from .listen import Listeners
@@ -383,6 +384,7 @@ class Worker:
             from .metrics import WorkerMetrics
 
             self.metrics = WorkerMetrics(self)
+        gc_policy.apply(self.loop)
         self.cfg.worker_ready_file(self.index).touch()
         await stop.wait()
         server.close()

@@ -25,6 +25,8 @@ import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
+from gateway import gc_policy
+
 from .proto import ConnectionLost, Credentials, PgConnection, PgError, extended_query
 from .stats import Second, bucket
 
@@ -380,4 +382,7 @@ def main(plan: WorkerPlan, pipe: Connection) -> None:
 
 
 async def _run(plan: WorkerPlan, pipe: Connection) -> None:
+    # The generator holds thousands of connections under churn, as a worker does: its
+    # own full GC pauses would show up as pgfleet's latency (see gateway.gc_policy).
+    gc_policy.apply(asyncio.get_running_loop())
     await Worker(plan, pipe).run()
