@@ -32,9 +32,11 @@ class WorkerMetrics:
         sessions = self.worker.sessions
         reasons: Counter[str] = Counter()
         waiting = 0
-        for s in sessions:
-            reasons.update(s.pins)
-            waiting += s.waiting
+        for s in sessions:  # tens of thousands: the common case must cost next to nothing
+            if s.pins:
+                reasons.update(s.pins)
+            if s.waiting:
+                waiting += 1
         self.sessions.set(len(sessions))
         for r in (*PIN_REASONS, *(set(reasons) - set(PIN_REASONS))):
             self.pinned.labels(r).set(reasons.get(r, 0))
