@@ -191,7 +191,7 @@ class Login:
         s.user, s.database, s.key = user, database, (database, user)
         settings = self.worker.shared_book(settings)
         s.settings = s.startup_settings = settings
-        s.custom_names = {low for low in settings if "." in low}
+        s.custom_names = frozenset(low for low in settings if "." in low)
 
         if self.worker.cfg.auth == "password" and not s.tls_in_use:
             # Cleartext passwords only travel encrypted: as a pg_hba.conf with hostssl only.

@@ -37,7 +37,7 @@ class PinBook:
     def _note_pins(self, fx: Effects) -> None:
         reason = fx.pin
         if reason is not None:
-            self.pins.add(reason)
+            self.pins = self.pins | {reason}
             self.pin_epoch += 1
             self.pin_check = True  # its transaction may still roll it back
         elif self.pins and fx.unpins:
@@ -55,7 +55,9 @@ class PinBook:
             if self.pin_epoch != epoch:
                 return  # pinning statements were sent after the check: it says too little
             if ok and rows:
-                self.pins = {r for r, v in zip(PIN_REASONS, rows[0], strict=True) if v == b"t"}
+                self.pins = frozenset(
+                    r for r, v in zip(PIN_REASONS, rows[0], strict=True) if v == b"t"
+                )
 
         user = quote_literal(self.user)
         link.expect(K_QUERY, swallow=1, on_done=done, rows=rows)

@@ -74,6 +74,11 @@ _EXECUTE_HEAD = b"E\x00\x00\x00\x09"
 _DESCRIBE_HEAD = b"D\x00\x00\x00\x06"
 # A pending entry holding a whole plain unit: (WHOLE, reply kinds, its bytes).
 WHOLE = -1
+# The starting value of a session's small name sets (pins, custom setting names,
+# setting statements): shared and immutable, since most sessions never add to them
+# (an empty set is 216 bytes and one more object for the collector to track). They
+# grow by rebinding: ``self.pins = self.pins | {reason}``.
+NO_NAMES: frozenset = frozenset()
 QUERY_ONLY = [K_QUERY]
 
 
@@ -113,13 +118,13 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         self.settings_dirty = False
         # Extension-style settings (app.tenant) the session touched: pg_settings omits
         # them, so the book re-reads them by name.
-        self.custom_names: set[str] = set()
+        self.custom_names: frozenset[str] = NO_NAMES
         self.link: BackendLink | None = None
         self.waiting = False
         self.wait_timer: asyncio.TimerHandle | None = None
         # Messages waiting for a backend (a list: most sessions never queue more than a few).
         self.pending: list[tuple[int, bytes, bytes]] = []
-        self.pins: set[str] = set()
+        self.pins: frozenset[str] = NO_NAMES
         # Something ran that may have removed the pinning state: ask the backend what
         # is left before deciding the session is still pinned.
         self.pin_check = False
@@ -141,7 +146,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         self.pending_drop = False
         self.unnamed_pin: str | None = None
         # Statements whose execution may change settings (client names; the unnamed one).
-        self.setting_stmts: set[bytes] = set()
+        self.setting_stmts: frozenset[bytes] = NO_NAMES
         self.unnamed_sets = False
         self.unnamed_token: object | None = None
         self.skip_until_sync = False
@@ -801,7 +806,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             # Executing it may create pinning state (the Parse may be a Sync earlier).
             pin = self.stmt_pins.get(name) if name else self.unnamed_pin
             if pin is not None:
-                self.pins.add(pin)
+                self.pins = self.pins | {pin}
                 self.pin_epoch += 1
                 self.pin_check = True
             self.portal_listen = self.stmt_listen.get(name, ()) if name else self.unnamed_listen

@@ -59,11 +59,12 @@ class StatementBook:
         else:
             self.stmt_listen.pop(name, None)
         if fx.sets or fx.drops:
-            self.setting_stmts.add(name)
+            self.setting_stmts = self.setting_stmts | {name}
             self.custom_names |= fx.custom
             self.stmt_effects[name] = (fx.resets, fx.drops)
         else:
-            self.setting_stmts.discard(name)
+            if name in self.setting_stmts:
+                self.setting_stmts = self.setting_stmts - {name}
             self.stmt_effects[name] = None
         self.write_client(be.PARSE_COMPLETE)
         return True
@@ -75,7 +76,7 @@ class StatementBook:
         if cmd.kind == "prepare":
             reason = effects(sql).pin
             if reason is not None and reason != "sql_prepare":
-                self.pins.add(reason)
+                self.pins = self.pins | {reason}
                 self.pin_epoch += 1
                 self.pin_check = True
             if entry is not None:
@@ -236,9 +237,9 @@ class StatementBook:
         entry = (bname, msg(P, bname + b"\x00" + body))
         self.stmts[name] = entry
         if sets:
-            self.setting_stmts.add(name)
-        else:
-            self.setting_stmts.discard(name)
+            self.setting_stmts = self.setting_stmts | {name}
+        elif name in self.setting_stmts:
+            self.setting_stmts = self.setting_stmts - {name}
 
         def parsed_named(ok: bool, link: BackendLink = link) -> None:
             if ok:
