@@ -59,7 +59,7 @@ from .protocol import (
     msg,
 )
 from .settings_book import SettingsBook
-from .statements import StatementBook
+from .statements import NO_ENTRIES, StatementBook
 
 if TYPE_CHECKING:
     from .backend import BackendLink
@@ -130,17 +130,17 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         self.pin_check = False
         self.pin_epoch = 0  # bumped whenever a pin reason is added
         # client statement name -> (backend name, Parse message under that name)
-        self.stmts: dict[bytes, tuple[bytes, bytes]] = {}
+        self.stmts: dict[bytes, tuple[bytes, bytes]] = NO_ENTRIES  # type: ignore[assignment]
         self.unnamed_parse: bytes | None = None
         # SQL-level prepared statements: client name -> (backend name, its PREPARE query).
-        self.sql_stmts: dict[bytes, tuple[bytes, bytes]] = {}
+        self.sql_stmts: dict[bytes, tuple[bytes, bytes]] = NO_ENTRIES  # type: ignore[assignment]
         # Protocol statements (client name; the unnamed one) whose text EXECUTEs one of them.
-        self.sql_deps: dict[bytes, bytes] = {}
+        self.sql_deps: dict[bytes, bytes] = NO_ENTRIES  # type: ignore[assignment]
         self.unnamed_dep: bytes | None = None
         # Why executing a statement pins (client name; the unnamed one).
-        self.stmt_pins: dict[bytes, str] = {}
+        self.stmt_pins: dict[bytes, str] = NO_ENTRIES  # type: ignore[assignment]
         # Per statement: (settings RESET, drops all statements) when executed.
-        self.stmt_effects: dict[bytes, tuple[tuple[str, ...], bool] | None] = {}
+        self.stmt_effects: dict[bytes, tuple[tuple[str, ...], bool] | None] = NO_ENTRIES  # type: ignore[assignment]
         self.unnamed_effects: tuple[tuple[str, ...], bool] | None = None
         self.pending_resets: tuple[str, ...] = ()
         self.pending_drop = False
@@ -160,12 +160,12 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         # LISTEN: the session's channels (None until it first LISTENs), the LISTEN ops
         # of its statements, and client messages held until the hub listens.
         self.listen: ListenState | None = None
-        self.stmt_listen: dict[bytes, tuple[tuple[str, bytes | None], ...]] = {}
+        self.stmt_listen: dict[bytes, tuple[tuple[str, bytes | None], ...]] = NO_ENTRIES  # type: ignore[assignment]
         self.unnamed_listen: tuple[tuple[str, bytes | None], ...] = ()
         self.portal_listen: tuple[tuple[str, bytes | None], ...] = ()
         # SQL PREPAREs sent through Parse: (client name, backend name, PREPARE query),
         # per protocol statement (and the unnamed one), and for the bound portal.
-        self.stmt_prepares: dict[bytes, tuple[bytes, bytes, bytes]] = {}
+        self.stmt_prepares: dict[bytes, tuple[bytes, bytes, bytes]] = NO_ENTRIES  # type: ignore[assignment]
         self.unnamed_prepare: tuple[bytes, bytes, bytes] | None = None
         self.portal_prepare: tuple[bytes, bytes, bytes] | None = None
         self.held: deque[tuple[int, bytes, bytes]] | None = None
@@ -870,6 +870,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             name = payload[1:end]
             if kind == b"S" and name:
                 # Other sessions may share the backend statement: only our name goes.
+                self._own_books()
                 self.stmts.pop(name, None)
                 self.stmt_listen.pop(name, None)
                 self.stmt_prepares.pop(name, None)

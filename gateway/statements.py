@@ -10,8 +10,9 @@ prepares them again on a backend that lacks them. SQL-level statements are renam
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from pgwire import backend as be
@@ -27,10 +28,29 @@ if TYPE_CHECKING:
     from .backend import BackendLink
 
 
+# A session's statement books until it books a statement (StatementBook._own_books):
+# one shared empty mapping, read-only, so a write that skipped that step fails loudly.
+NO_ENTRIES: Mapping = MappingProxyType({})
+
+
 class StatementBook:
     """Session mixin: the statement books and what Parse, Bind and Close do with them."""
 
     __slots__ = ()
+
+    def _own_books(self) -> None:
+        """Give the session dicts of its own before it books a statement: until then
+        all seven share one empty read-only mapping, since most sessions never prepare
+        anything (seven empty dicts are 448 bytes per client, and seven more objects for
+        the collector). Either all seven are shared or none is."""
+        if self.stmts is NO_ENTRIES:
+            self.stmts = {}
+            self.sql_stmts = {}
+            self.sql_deps = {}
+            self.stmt_pins = {}
+            self.stmt_effects = {}
+            self.stmt_listen = {}
+            self.stmt_prepares = {}
 
     def _parse_known(self, payload: bytes) -> bool:
         """Answer a named Parse without a backend when this worker has already parsed the
@@ -50,6 +70,7 @@ class StatementBook:
             return False
         if self.sql_stmts and fx.prepared:
             return False  # may need rewriting: take the full path
+        self._own_books()
         self.stmts[name] = (bname, msg(P, bname + b"\x00" + body))
         self.stmt_pins.pop(name, None)
         self.sql_deps.pop(name, None)
@@ -72,6 +93,7 @@ class StatementBook:
     def _sql_prepared(self, link: BackendLink, cmd: sql_prepare.SqlPrepareCommand,
                       sql: bytes) -> None:
         """Forward a single SQL PREPARE/EXECUTE/DEALLOCATE under the session's backend name."""
+        self._own_books()
         entry = self.sql_stmts.get(cmd.name)
         if cmd.kind == "prepare":
             reason = effects(sql).pin
@@ -142,6 +164,7 @@ class StatementBook:
     def _dropped_all(self, link: BackendLink) -> None:
         """DEALLOCATE ALL / DISCARD ALL: the backend loses every statement, ours and other
         sessions'; our names go, and every statement is prepared again where needed."""
+        self._own_books()
         self.stmts.clear()
         self.sql_stmts.clear()
         self.unnamed_parse = self.unnamed_token = None
@@ -149,6 +172,7 @@ class StatementBook:
         link.unnamed_of = None
 
     def _parse(self, link: BackendLink, payload: bytes, raw: bytes) -> None:
+        self._own_books()
         ne = cstr_end(payload, 0)
         name = payload[:ne]
         if name in self.stmts:
@@ -262,6 +286,7 @@ class StatementBook:
                              then: Callable[[bool], None] | None) -> Callable[[bool], None]:
         """The on_done of an Execute that runs a renamed SQL PREPARE: book it once it
         worked (PREPARE is not undone by a rollback, in Postgres either)."""
+        self._own_books()
         name, bname, prepare_raw = prep
 
         def done(ok: bool) -> None:
