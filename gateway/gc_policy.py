@@ -32,6 +32,9 @@ FULL_COLLECTION_EVERY = 300.0
 CHECK_EVERY = 5.0
 #: A full collection runs once the old generation has grown by this factor.
 GROWTH = 2.0
+#: The old-generation size growth is measured against, at least: below it a doubling
+#: is a few thousand objects, not worth a full collection.
+_MIN_OLD = 10_000
 #: CPython's young-generation thresholds are kept; the oldest one is never reached.
 _NEVER = 2**31 - 1
 
@@ -47,7 +50,7 @@ class _Collector:
 
     def tick(self) -> None:
         size = len(gc.get_objects(generation=2))
-        if size > GROWTH * max(self.old_size, 10_000) or self.loop.time() - self.since >= self.every:
+        if size > GROWTH * max(self.old_size, _MIN_OLD) or self.loop.time() - self.since >= self.every:
             gc.collect()
             self.since = self.loop.time()
             self.old_size = len(gc.get_objects(generation=2))

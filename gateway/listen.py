@@ -227,8 +227,7 @@ class ListenSession:
     def _hub_answered(self, error: dict | None) -> None:
         if error is not None:
             # The hub could not listen: the backend's own LISTEN stays, the session pins.
-            self.pins = self.pins | {"listen"}
-            self.pin_epoch += 1
+            self._add_pin("listen", check=False)
         held, self.held = self.held, None
         if self.phase != READY or held is None:
             return

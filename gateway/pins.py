@@ -34,12 +34,19 @@ class PinBook:
 
     __slots__ = ()
 
+    def _add_pin(self, reason: str, check: bool = True) -> None:
+        """The session now has backend-local state for ``reason``. ``check``: a later
+        look at the backend decides whether it stays (its transaction may still roll
+        it back). The set is rebound, never changed in place (it may be shared)."""
+        self.pins = self.pins | {reason}
+        self.pin_epoch += 1
+        if check:
+            self.pin_check = True
+
     def _note_pins(self, fx: Effects) -> None:
         reason = fx.pin
         if reason is not None:
-            self.pins = self.pins | {reason}
-            self.pin_epoch += 1
-            self.pin_check = True  # its transaction may still roll it back
+            self._add_pin(reason)
         elif self.pins and fx.unpins:
             self.pin_check = True
 

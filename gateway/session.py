@@ -77,7 +77,7 @@ WHOLE = -1
 # The starting value of a session's small name sets (pins, custom setting names,
 # setting statements): shared and immutable, since most sessions never add to them
 # (an empty set is 216 bytes and one more object for the collector to track). They
-# grow by rebinding: ``self.pins = self.pins | {reason}``.
+# grow by rebinding (PinBook._add_pin).
 NO_NAMES: frozenset = frozenset()
 QUERY_ONLY = [K_QUERY]
 
@@ -806,9 +806,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             # Executing it may create pinning state (the Parse may be a Sync earlier).
             pin = self.stmt_pins.get(name) if name else self.unnamed_pin
             if pin is not None:
-                self.pins = self.pins | {pin}
-                self.pin_epoch += 1
-                self.pin_check = True
+                self._add_pin(pin)
             self.portal_listen = self.stmt_listen.get(name, ()) if name else self.unnamed_listen
             prep = self.stmt_prepares.get(name) if name else self.unnamed_prepare
             self.portal_prepare = prep

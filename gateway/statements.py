@@ -98,9 +98,7 @@ class StatementBook:
         if cmd.kind == "prepare":
             reason = effects(sql).pin
             if reason is not None and reason != "sql_prepare":
-                self.pins = self.pins | {reason}
-                self.pin_epoch += 1
-                self.pin_check = True
+                self._add_pin(reason)
             if entry is not None:
                 shown = cmd.name.decode("utf-8", "replace")
                 self._raise_in_query(link, sqlstate.DUPLICATE_PREPARED_STATEMENT,
