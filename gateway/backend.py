@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ipc.statement_catalog import MAX_PREPARED_PER_BACKEND, backend_name, key_of_name
@@ -94,6 +94,28 @@ class Expect:
         # (backend name, client name) of the statement a Bind/Describe refers to, to put
         # the client's name back into an error about it.
         self.names: tuple[bytes, bytes] | None = None
+
+
+class _BareExpect(Expect):
+    """The reply to a plain message, with nothing attached: one per kind, shared by
+    every link's queue (a plain unit books five of them per transaction). Read-only,
+    so a write that meant a fresh Expect fails loudly instead of leaking to others."""
+
+    __slots__ = ()
+
+    def __init__(self, kind: int) -> None:
+        for slot in Expect.__slots__:
+            object.__setattr__(self, slot, None)
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "swallow", 0)
+        object.__setattr__(self, "hold_z", False)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"the shared plain Expect is read-only ({name})")
+
+
+# BARE[kind]: the shared plain Expect of each reply kind.
+BARE = tuple(_BareExpect(kind) for kind in range(K_SYNTH))
 
 
 
@@ -238,9 +260,11 @@ class BackendLink(asyncio.Protocol):
             self.unnamed_of = None  # Postgres drops the unnamed statement on a simple Query
         self.queue.append(Expect(kind, swallow, on_done, None, rows))
 
-    def expect_all(self, kinds: list[int]) -> None:
-        """Replies to a group of plain messages the caller writes itself."""
-        self.queue.extend([Expect(k) for k in kinds])
+    def expect_all(self, plain: Sequence[Expect]) -> None:
+        """Replies to a group of plain messages the caller writes itself (BARE entries)."""
+        if plain[0].kind == K_QUERY:
+            self.unnamed_of = None
+        self.queue.extend(plain)
 
     def send(self, kind: int, raw: bytes, heal: bytes | None = None,
              names: tuple[bytes, bytes] | None = None, on_done=None) -> None:
@@ -347,6 +371,10 @@ class BackendLink(asyncio.Protocol):
             return False
         parsed = None
         for e in queue:
+            if e.__class__ is _BareExpect:  # nothing attached: only its place matters
+                if e is not last and (e.kind == K_SYNC or e.kind == K_QUERY):
+                    return False
+                continue
             if e.on_done is not None:
                 if e.kind != K_PARSE:
                     return False
@@ -410,8 +438,9 @@ class BackendLink(asyncio.Protocol):
             if head.swallow:
                 self.last_error = decode_backend(mtype, payload).fields
             if kind == K_QUERY:
-                head.on_done and head.on_done(False)
-                head.on_done = None
+                if head.on_done is not None:
+                    head.on_done(False)
+                    head.on_done = None
                 return
             if kind == K_BIND and head.heal is not None and self._heal(head, payload):
                 out.pop()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pgwire import backend as be
@@ -23,6 +24,7 @@ from pgwire.framing import MessageFramer, StartupFramer
 
 from . import sql_prepare, tls
 from .backend import (
+    BARE,
     K_BIND,
     K_CLOSE,
     K_DESC_P,
@@ -62,7 +64,7 @@ from .settings_book import SettingsBook
 from .statements import NO_ENTRIES, StatementBook
 
 if TYPE_CHECKING:
-    from .backend import BackendLink
+    from .backend import BackendLink, Expect
     from .worker import Worker
 
 UNLISTEN_ALL = fe.encode_query("UNLISTEN *")
@@ -79,7 +81,16 @@ WHOLE = -1
 # (an empty set is 216 bytes and one more object for the collector to track). They
 # grow by rebinding (PinBook._add_pin).
 NO_NAMES: frozenset = frozenset()
-QUERY_ONLY = [K_QUERY]
+QUERY_ONLY = (BARE[K_QUERY],)
+# What drivers send after an unnamed Parse and Bind, whole, with the replies the unit
+# asks for: Describe portal, Execute all rows, Sync (pgbench, JDBC), or just Execute
+# and Sync (psycopg, the firehose). Other shapes take the message-by-message check.
+_UNNAMED_TAILS = {
+    _DESCRIBE_HEAD + b"P\x00" + _EXECUTE_HEAD + bytes(5) + fe.SYNC: tuple(
+        BARE[k] for k in (K_PARSE, K_BIND, K_DESC_P, K_EXEC, K_SYNC)
+    ),
+    _EXECUTE_HEAD + bytes(5) + fe.SYNC: tuple(BARE[k] for k in (K_PARSE, K_BIND, K_EXEC, K_SYNC)),
+}
 
 
 class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Protocol):
@@ -262,8 +273,8 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
 
     # -- the steady state ----------------------------------------------------------------------
     @staticmethod
-    def _plain_kinds(data: bytes) -> list[int] | None:
-        """The replies ``data`` asks for when it is one whole unit that changes nothing
+    def _plain_kinds(data: bytes) -> Sequence[Expect] | None:
+        """The replies ``data`` asks for (BARE entries) when it is one whole unit that changes nothing
         about the session, so that it needs none of the general machinery: a simple
         Query, or a group of an unnamed Parse, then Bind, Describe and Execute of the
         unnamed statement and portal, then Sync (pgbench -M extended, psycopg, JDBC
@@ -278,13 +289,25 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             return QUERY_ONLY
         if first != P or n < 11 or data[5] or data[-5:] != fe.SYNC:
             return None
+        parse_end = 1 + int.from_bytes(data[1:5], "big")
+        if parse_end + 7 < n and data[parse_end] == B and parse_end > 5:
+            # The usual shape: one Bind of the unnamed portal and statement, then a
+            # known tail, each length checked by the slicing itself.
+            bind_end = parse_end + 1 + int.from_bytes(data[parse_end + 1 : parse_end + 5], "big")
+            tail = _UNNAMED_TAILS.get(data[bind_end:])
+            if tail is not None and bind_end > parse_end + 6:
+                if data[parse_end + 5] or data[parse_end + 6]:
+                    return None  # a named portal or statement
+                query_end = data.find(b"\x00", 6, parse_end)
+                if query_end < 0 or effects(data[6:query_end]) is not PLAIN:
+                    return None
+                return tail
         if whole_messages(data, _GROUP_KINDS) != n:
             return None
-        parse_end = 1 + int.from_bytes(data[1:5], "big")
         query_end = data.find(b"\x00", 6, parse_end)
         if query_end < 0 or effects(data[6:query_end]) is not PLAIN:
             return None
-        kinds = [K_PARSE]
+        kinds = [BARE[K_PARSE]]
         pos = parse_end
         last = n - 5
         while pos < last:
@@ -293,21 +316,21 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             if mtype == B:
                 if data[body] or data[body + 1]:  # a named portal or statement
                     return None
-                kinds.append(K_BIND)
+                kinds.append(BARE[K_BIND])
                 pos += 1 + int.from_bytes(data[pos + 1 : body], "big")
             elif mtype == E:
                 if data[pos:body] != _EXECUTE_HEAD or data[body]:
                     return None
-                kinds.append(K_EXEC)
+                kinds.append(BARE[K_EXEC])
                 pos += 10
             elif mtype == D:
                 if data[pos:body] != _DESCRIBE_HEAD:
                     return None
                 which = data[body : body + 2]
                 if which == b"P\x00":
-                    kinds.append(K_DESC_P)
+                    kinds.append(BARE[K_DESC_P])
                 elif which == b"S\x00":
-                    kinds.append(K_DESC_S)
+                    kinds.append(BARE[K_DESC_S])
                 else:
                     return None
                 pos += 7
@@ -315,7 +338,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
                 return None
         if pos != last:
             return None  # the bytes that look like a Sync end another message
-        kinds.append(K_SYNC)
+        kinds.append(BARE[K_SYNC])
         return kinds
 
     def _bound_unit(self, data: bytes) -> bytes | None:
@@ -353,7 +376,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
                 return None
         return name if pos == last else None
 
-    def _send_whole(self, data: bytes, kinds: list[int] | bytes) -> None:
+    def _send_whole(self, data: bytes, kinds: Sequence[Expect] | bytes) -> None:
         """Send a plain unit on an idle backend at hand, or queue it whole until one
         comes: either way it is booked and written once, never cut into messages."""
         link = self.worker.leases.take_idle(self.key)
@@ -370,7 +393,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             link.flush()
             self._maybe_release(link)
 
-    def _write_whole(self, link: BackendLink, data: bytes, kinds: list[int] | bytes) -> None:
+    def _write_whole(self, link: BackendLink, data: bytes, kinds: Sequence[Expect] | bytes) -> None:
         """Book a plain unit as the general path books its messages, and write it."""
         if type(kinds) is bytes:
             self._write_bound(link, data, kinds)
@@ -378,7 +401,6 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         if kinds is QUERY_ONLY:
             # A simple Query drops the unnamed statement, for the client too.
             self.unnamed_parse = self.unnamed_token = None
-            link.expect(K_QUERY)
         else:
             # What the unnamed Parse, Bind and Sync of a plain statement book.
             self.unnamed_prepare = self.portal_prepare = self.unnamed_dep = None
@@ -388,7 +410,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             token = object()
             self.unnamed_parse = data[: 1 + int.from_bytes(data[1:5], "big")]
             self.unnamed_token = link.unnamed_of = token
-            link.expect_all(kinds)
+        link.expect_all(kinds)
         link.write(data)
 
     def _write_bound(self, link: BackendLink, data: bytes, name: bytes) -> None:
