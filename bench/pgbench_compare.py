@@ -34,7 +34,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PGFLEET = str(Path(sys.executable).parent / "pgfleet")
 PGBOUNCER = "/usr/sbin/pgbouncer"
 PG_PORT = 5432
-TARGETS = ("direct", "pgbouncer", "pgfleet")
+# "pipe" (bench.pipe_floor, with --floor) sits between them in the table: the
+# runtime's floor, a byte pipe with no logic, one backend per client.
+TARGETS = ("direct", "pgbouncer", "pipe", "pgfleet")
 MODES = ("simple", "extended", "prepared")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -344,6 +346,47 @@ class PgBouncer:
             self._out = None
 
 
+class PipeFloor:
+    """bench.pipe_floor in front of the embedded Postgres's Unix socket, with as many
+    workers as pgfleet runs: the cost of a Python gateway that does nothing."""
+
+    def __init__(self, base: Path, pg_socket_dir: str, workers: int | None) -> None:
+        self.port = free_port()
+        self.backend = f"{pg_socket_dir}/.s.PGSQL.{PG_PORT}"
+        self.workers = workers or os.cpu_count() or 1
+        self.out_path = base / "pipe-floor.out"
+        self.proc: subprocess.Popen | None = None
+        self._out = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        self._out = open(self.out_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.pipe_floor", "--port", str(self.port),
+             "--backend", self.backend, "--workers", str(self.workers)],
+            stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
+            start_new_session=True)
+        # The pipe passes Postgres's own trust login on the Unix socket through.
+        wait_until_ready("pipe floor", self.proc, self.port, "", self.log, timeout)
+
+    def log(self) -> str:
+        try:
+            return self.out_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+
 # ---------------------------------------------------------------- pgbench
 
 
@@ -605,6 +648,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--churn", action="store_true",
                    help="also run -C (a new connection per transaction), 10 clients, simple mode")
     p.add_argument("--churn-clients", type=int, default=10, help=argparse.SUPPRESS)
+    p.add_argument("--floor", action="store_true",
+                   help="also run bench.pipe_floor (a byte pipe with no logic, one backend "
+                        "per client) in the runs without -C: the Python runtime's floor")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON results (default bench/results/pgbench-<timestamp>.json)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, data)")
@@ -647,6 +693,9 @@ def main(argv: list[str] | None = None) -> int:
     password = "bench-" + secrets.token_hex(12)
     fleet = Pgfleet(base, password, args.pool_size, args.workers)
     bouncer = PgBouncer(base, fleet.socket_dir, args.pool_size)
+    pipe = PipeFloor(base, fleet.socket_dir, args.workers) if args.floor else None
+    targets = TARGETS if args.floor else tuple(t for t in TARGETS if t != "pipe")
+    churn_targets = tuple(t for t in TARGETS if t != "pipe")
     notes: list[str] = []
     runs: list[dict] = []
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -675,6 +724,13 @@ def main(argv: list[str] | None = None) -> int:
         log("starting pgbouncer")
         bouncer.start(verifier, password)
         log(f"pgbouncer is up on 127.0.0.1:{bouncer.port} (pid {bouncer.proc.pid})")
+        if pipe is not None:
+            pipe.start()
+            log(f"pipe floor is up on 127.0.0.1:{pipe.port} (pid {pipe.proc.pid})")
+            notes.append(f"pipe = bench.pipe_floor: {pipe.workers} uvloop worker(s) copying "
+                         "bytes between each client and its own Postgres connection, parsing "
+                         "nothing (trust auth passed through); the floor for any gateway "
+                         "written in Python.")
 
         needed = max(args.clients) + 2 * args.pool_size
         if needed > max_conn:
@@ -698,26 +754,28 @@ def main(argv: list[str] | None = None) -> int:
         cpu_roots = {
             "direct": {"pid": None, "exclude": set()},
             "pgbouncer": {"pid": bouncer.proc.pid, "exclude": set()},
+            "pipe": {"pid": pipe.proc.pid if pipe else None, "exclude": set()},
             "pgfleet": {"pid": fleet.proc.pid, "exclude": {pm_pid} if pm_pid else set()},
             "postgres": {"pid": pm_pid, "exclude": set()},
         }
         conns = {
             "direct": {"host": fleet.socket_dir, "port": PG_PORT, "password": ""},
             "pgbouncer": {"host": "127.0.0.1", "port": bouncer.port, "password": password},
+            "pipe": {"host": "127.0.0.1", "port": pipe.port if pipe else 0, "password": ""},
             "pgfleet": {"host": "127.0.0.1", "port": fleet.port, "password": password},
         }
         for rnd in range(args.rounds):
             for workload in args.workloads:
                 for clients in args.clients:
                     for mode in args.modes:
-                        for target in TARGETS:
+                        for target in targets:
                             r = run_pgbench(target, mode, conns[target], args, clients, False,
                                             cpu_roots, workload)
                             r["round"] = rnd
                             r["workload"] = workload
                             runs.append(r)
             if args.churn:
-                for target in TARGETS:
+                for target in churn_targets:
                     r = run_pgbench(target, "simple", conns[target], args, args.churn_clients,
                                     True, cpu_roots)
                     r["round"] = rnd
@@ -736,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
             cpu_roots["pgfleet"]["exclude"] = {pm_pid} if pm_pid else set()
             cpu_roots["postgres"]["pid"] = pm_pid
             for rnd in range(args.rounds):
-                for target in TARGETS:
+                for target in churn_targets:
                     r = run_pgbench(target, "simple", conns[target], args, args.churn_clients,
                                     True, cpu_roots)
                     r["round"] = rnd
@@ -753,6 +811,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         log("stopping pgbouncer and pgfleet")
         try:
+            if pipe is not None:
+                pipe.stop()
             bouncer.stop()
         finally:
             fleet.stop()

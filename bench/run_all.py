@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         pgbench_json = out / "pgbench.json"
         duration = args.duration or (3 if args.quick else 10)
         pargs = ["--duration", str(duration), "--pool-size", str(args.pool_size),
-                 "--modes", "simple,extended,prepared", "--churn", "--out", str(pgbench_json)]
+                 "--modes", "simple,extended,prepared", "--churn", "--floor",
+                 "--out", str(pgbench_json)]
         if args.quick:
             pargs += ["--clients", "50", "--workloads", "select-only,tpcb"]
         else:
