@@ -97,18 +97,21 @@ class Expect:
 
 
 class _BareExpect(Expect):
-    """The reply to a plain message, with nothing attached: one per kind, shared by
-    every link's queue (a plain unit books five of them per transaction). Read-only,
-    so a write that meant a fresh Expect fails loudly instead of leaking to others."""
+    """The reply to a plain message, with nothing attached: shared by every link's
+    queue (a plain unit books five of them per transaction). Read-only, so a write
+    that meant a fresh Expect fails loudly instead of leaking to others. ``raw``: the
+    message, for the constant ones (a Sync, an Execute of the unnamed portal) that a
+    heal may send again."""
 
     __slots__ = ()
 
-    def __init__(self, kind: int) -> None:
+    def __init__(self, kind: int, raw: bytes | None = None) -> None:
         for slot in Expect.__slots__:
             object.__setattr__(self, slot, None)
         object.__setattr__(self, "kind", kind)
         object.__setattr__(self, "swallow", 0)
         object.__setattr__(self, "hold_z", False)
+        object.__setattr__(self, "raw", raw)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"the shared plain Expect is read-only ({name})")
@@ -116,6 +119,19 @@ class _BareExpect(Expect):
 
 # BARE[kind]: the shared plain Expect of each reply kind.
 BARE = tuple(_BareExpect(kind) for kind in range(K_SYNTH))
+
+# What drivers send after a Bind to the unnamed portal, as one chunk, with the shared
+# Expects for it: Describe portal, Execute all rows, Sync (pgbench, JDBC), or just
+# Execute and Sync (psycopg, the firehose, asyncpg). Each Expect keeps its message.
+DESCRIBE_PORTAL = b"D\x00\x00\x00\x06P\x00"
+EXECUTE_ALL = b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00"
+SYNC = b"S\x00\x00\x00\x04"
+PORTAL_TAILS: dict[bytes, tuple[Expect, ...]] = {
+    DESCRIBE_PORTAL + EXECUTE_ALL + SYNC: (
+        _BareExpect(K_DESC_P, DESCRIBE_PORTAL), _BareExpect(K_EXEC, EXECUTE_ALL),
+        _BareExpect(K_SYNC, SYNC)),
+    EXECUTE_ALL + SYNC: (_BareExpect(K_EXEC, EXECUTE_ALL), _BareExpect(K_SYNC, SYNC)),
+}
 
 
 
@@ -518,7 +534,8 @@ class BackendLink(asyncio.Protocol):
         bname = head.raw[5:].split(b"\x00", 2)[1]
         heal = head.heal
         for e in group:
-            e.heal = None  # once
+            if e.heal is not None:
+                e.heal = None  # once
         queue.clear()
         queue.append(Expect(K_SYNC, 1))  # the failed group's ReadyForQuery
         self.expect(K_CLOSE, swallow=1)

@@ -33,6 +33,7 @@ from .backend import (
     K_PARSE,
     K_QUERY,
     K_SYNC,
+    PORTAL_TAILS,
     whole_messages,
 )
 from .classify import PLAIN, effects
@@ -82,15 +83,10 @@ WHOLE = -1
 # grow by rebinding (PinBook._add_pin).
 NO_NAMES: frozenset = frozenset()
 QUERY_ONLY = (BARE[K_QUERY],)
-# What drivers send after an unnamed Parse and Bind, whole, with the replies the unit
-# asks for: Describe portal, Execute all rows, Sync (pgbench, JDBC), or just Execute
-# and Sync (psycopg, the firehose). Other shapes take the message-by-message check.
-_UNNAMED_TAILS = {
-    _DESCRIBE_HEAD + b"P\x00" + _EXECUTE_HEAD + bytes(5) + fe.SYNC: tuple(
-        BARE[k] for k in (K_PARSE, K_BIND, K_DESC_P, K_EXEC, K_SYNC)
-    ),
-    _EXECUTE_HEAD + bytes(5) + fe.SYNC: tuple(BARE[k] for k in (K_PARSE, K_BIND, K_EXEC, K_SYNC)),
-}
+# An unnamed Parse and Bind followed by one of the usual tails: the replies the whole
+# unit asks for. Other shapes take the message-by-message check.
+_UNNAMED_TAILS = {tail: (BARE[K_PARSE], BARE[K_BIND], *expects)
+                  for tail, expects in PORTAL_TAILS.items()}
 
 
 class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Protocol):
@@ -347,7 +343,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         then an optional Describe of that portal, Execute and Sync (pgbench -M
         prepared, asyncpg, JDBC once it prepares). None: the general path."""
         n = len(data)
-        if n < 16 or data[5] or data[-5:] != fe.SYNC or whole_messages(data, _BOUND_KINDS) != n:
+        if n < 16 or data[5] or data[-5:] != fe.SYNC:
             return None
         pos = 1 + int.from_bytes(data[1:5], "big")
         name_end = data.find(b"\x00", 6, pos)
@@ -362,6 +358,10 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             or name in self.stmt_prepares
             or name in self.sql_deps
         ):
+            return None
+        if data[pos:] in PORTAL_TAILS:
+            return name  # (the name ends inside the Bind, and the tail is exact)
+        if whole_messages(data, _BOUND_KINDS) != n:
             return None
         last = n - 5
         while pos < last:
@@ -422,6 +422,12 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         bind_end = 1 + int.from_bytes(data[1:5], "big")
         bind = msg(B, b"\x00" + bname + data[6 + len(name) : bind_end])
         link.send(K_BIND, bind, heal=self.stmts[name][1], names=(bname, name))
+        tail = data[bind_end:]
+        expects = PORTAL_TAILS.get(tail)
+        if expects is not None:  # the usual tail: booked and written whole
+            link.queue.extend(expects)
+            link.write(tail)
+            return
         n = len(data)
         pos = bind_end
         while pos < n:

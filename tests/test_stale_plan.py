@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import psycopg
 
+from pgwire import backend as be
+from pgwire import frontend as fe
+
+from .wire import RawClient, data_rows, errors_in
+
 
 def test_ddl_between_sessions_is_healed(make_server):
     srv = make_server("--pool-size", "1", "--workers", "1")
@@ -30,3 +35,35 @@ def test_ddl_between_sessions_is_healed(make_server):
     finally:
         a.close()
         b.close()
+
+
+def test_heal_of_a_whole_bind_unit(make_server):
+    """B's Bind, Describe, Execute and Sync arrive in one write (the quick path that
+    books shared reply entries): the heal still re-prepares and sends all of it again."""
+    srv = make_server("--pool-size", "1", "--workers", "1")
+    with psycopg.connect(srv.direct_dsn(), autocommit=True) as admin:
+        admin.execute("drop table if exists heal_w")
+        admin.execute("create table heal_w(a int)")
+        admin.execute("insert into heal_w values (1)")
+    sql = "select * from heal_w"
+    whole_bind = lambda name: (fe.encode_bind("", name, []) + fe.encode_describe("P", "")  # noqa: E731
+                               + fe.encode_execute() + fe.SYNC)
+    with RawClient(srv.port) as a, RawClient(srv.port) as b:
+        a.login_scram()
+        b.login_scram()
+        a.send(fe.encode_parse("sa", sql) + fe.SYNC)
+        assert not errors_in(a.read_until_ready())
+        a.send(whole_bind("sa"))
+        assert data_rows(a.read_until_ready()) == [[b"1"]]
+        with psycopg.connect(srv.direct_dsn(), autocommit=True) as admin:
+            admin.execute("alter table heal_w add column b text default 'x'")
+        # B prepares the same text after the DDL: on the one backend, it is A's statement.
+        b.send(fe.encode_parse("sb", sql) + fe.SYNC)
+        assert not errors_in(b.read_until_ready())
+        for _ in range(2):
+            b.send(whole_bind("sb"))
+            msgs = b.read_until_ready()
+            assert not errors_in(msgs), msgs
+            assert data_rows(msgs) == [[b"1", b"x"]]
+            assert sum(isinstance(m, be.BindComplete) for m in msgs) == 1
+            assert sum(isinstance(m, be.RowDescription) for m in msgs) == 1
