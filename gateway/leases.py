@@ -374,6 +374,15 @@ class LeaseManager:
             self.release(link, "dead")
 
     def _sweep(self) -> None:
+        timeout = self.worker.cfg.query_wait_timeout
+        if timeout > 0:
+            # Waits end here, at most a sweep late (PgBouncer checks once a second): a
+            # timer per wait cost more than the rest of a short wait's bookkeeping.
+            # Each queue is in order of wait_since, so only its oldest are looked at.
+            started_before = self.loop.time() - timeout
+            for q in list(self.waiters.values()):
+                while q and q[0].wait_since <= started_before:
+                    q.popleft().wait_expired()
         now = time.monotonic()
         limit = self.worker.cfg.lease_idle_seconds
         for links in self.idle.values():

@@ -96,7 +96,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
     __slots__ = (
         "worker", "transport", "phase", "startup_framer", "framer", "login", "user", "database",
         "key", "settings", "startup_settings", "settings_dirty", "custom_names", "link",
-        "waiting", "wait_timer", "pending", "pins", "pin_check", "pin_epoch", "stmts",
+        "waiting", "wait_since", "pending", "pins", "pin_check", "pin_epoch", "stmts",
         "unnamed_parse", "sql_stmts", "sql_deps", "unnamed_dep", "stmt_pins", "stmt_effects",
         "unnamed_effects", "pending_resets", "pending_drop", "unnamed_pin", "setting_stmts",
         "unnamed_sets", "unnamed_token", "skip_until_sync", "unsynced", "slot", "client_pid",
@@ -128,7 +128,9 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         self.custom_names: frozenset[str] = NO_NAMES
         self.link: BackendLink | None = None
         self.waiting = False
-        self.wait_timer: asyncio.TimerHandle | None = None
+        # When it started waiting (loop time): the lease manager's sweep ends waits
+        # older than query_wait_timeout, instead of a timer per wait.
+        self.wait_since = 0.0
         # Messages waiting for a backend (a list: most sessions never queue more than a few).
         self.pending: list[tuple[int, bytes, bytes]] = []
         self.pins: frozenset[str] = NO_NAMES
@@ -588,20 +590,14 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
 
     def _request_backend(self) -> None:
         self.waiting = True
+        self.wait_since = self.worker.loop.time()
         link = self.worker.leases.acquire(self.key, self)
         if link is not None:
             # From inside data_received, which writes and releases once it has read
             # every message: the rest of the batch goes out in the same write.
             self.on_link(link, now=False)
-            return
-        timeout = self.worker.cfg.query_wait_timeout
-        if timeout > 0:
-            self.wait_timer = self.worker.loop.call_later(timeout, self._wait_timed_out)
 
     def _stop_waiting(self) -> None:
-        if self.wait_timer is not None:
-            self.wait_timer.cancel()
-            self.wait_timer = None
         if self.waiting:
             self.waiting = False
             self.worker.leases.cancel_wait(self.key, self)
@@ -609,9 +605,6 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
     def on_link(self, link: BackendLink, now: bool = True) -> None:
         """The lease manager hands us a backend (we were waiting for one). ``now``:
         write what was queued for it at once (False: the caller will)."""
-        if self.wait_timer is not None:
-            self.wait_timer.cancel()
-            self.wait_timer = None
         self.waiting = False
         if self.login is not None:
             self.login.on_link(link)
@@ -649,17 +642,14 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
     def on_lease_failed(self, fields: dict[str, str]) -> None:
         """The pooler could not open a backend for us (e.g. the database is gone)."""
         self.waiting = False
-        if self.wait_timer is not None:
-            self.wait_timer.cancel()
-            self.wait_timer = None
         if self.login is not None:
             self.login.on_lease_failed(fields)
             return
         self._fail_pending(fields.get("C", sqlstate.CONNECTION_FAILURE), fields.get("M", ""))
 
-    def _wait_timed_out(self) -> None:
-        self.wait_timer = None
-        self._stop_waiting()
+    def wait_expired(self) -> None:
+        """The lease manager took us off its queue: no backend came in query_wait_timeout."""
+        self.waiting = False
         if self.login is not None:
             self.login.on_wait_timeout()
             return
