@@ -751,6 +751,10 @@ def main(argv: list[str] | None = None) -> int:
                          "or '... does not exist').")
 
         pm_pid = fleet.postmaster_pid()
+        if pm_pid is not None:
+            policy = {os.SCHED_BATCH: "SCHED_BATCH"}.get(os.sched_getscheduler(pm_pid), "normal")
+            notes.append(f"Postgres (started by pgfleet, shared by every target) runs with the "
+                         f"{policy} scheduling policy (pgfleet up --postgres-sched).")
         cpu_roots = {
             "direct": {"pid": None, "exclude": set()},
             "pgbouncer": {"pid": bouncer.proc.pid, "exclude": set()},

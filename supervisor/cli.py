@@ -30,6 +30,11 @@ class TlsMode(StrEnum):
     off = "off"
 
 
+class PostgresSched(StrEnum):
+    batch = "batch"
+    normal = "normal"
+
+
 class LogLevel(StrEnum):
     debug = "debug"
     info = "info"
@@ -89,6 +94,12 @@ def up(
     metrics_port: int = typer.Option(
         0, help="Serve Prometheus metrics on HOST:METRICS_PORT/metrics (0: off)."
     ),
+    postgres_sched: PostgresSched = typer.Option(
+        PostgresSched.batch,
+        help="Linux scheduling policy of the Postgres it starts. batch (SCHED_BATCH): the "
+        "same CPU share, but a backend woken by a query does not preempt the gateway "
+        "worker that sent it. normal: the default policy, as Postgres started by hand.",
+    ),
 ) -> None:
     """Start Postgres (initialising it on first run), the pooler and the gateway workers,
     and run in the foreground until Ctrl-C or SIGTERM."""
@@ -121,6 +132,7 @@ def up(
         auth_timeout=auth_timeout,
         log_level=log_level.value,
         metrics_port=metrics_port,
+        postgres_sched=postgres_sched.value,
         user_limits=user_limits,
         tls=tls is TlsMode.on,
         tls_cert=str(tls_cert or ""),

@@ -152,7 +152,8 @@ class Supervisor:
             lock.close()
             raise
         pg = PgInstance(
-            home=cfg.home, port=cfg.pg_port, max_connections=max(100, cfg.pool_size + 20)
+            home=cfg.home, port=cfg.pg_port, max_connections=max(100, cfg.pool_size + 20),
+            batch_sched=cfg.postgres_sched == "batch",
         )
         first_run = not pg.is_initialized()
         password = ensure_password(cfg, self.given_password)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import psycopg
@@ -12,8 +13,18 @@ from .conftest import PASSWORD, PGFLEET, PgfleetServer
 def test_help_lists_every_option():
     out = subprocess.run([PGFLEET, "up", "--help"], capture_output=True, text=True).stdout
     for opt in ("--home", "--host", "--port", "--workers", "--pool-size", "--password",
-                "--auth", "--query-wait-timeout", "--log-level"):
+                "--auth", "--query-wait-timeout", "--log-level", "--postgres-sched"):
         assert opt in out
+
+
+def test_postgres_runs_batch_unless_asked_not_to(server, make_server):
+    """SCHED_BATCH by default, for the Postgres pgfleet starts; --postgres-sched normal
+    leaves it as Postgres started by hand would run."""
+    assert os.sched_getscheduler(server.postmaster_pid()) == os.SCHED_BATCH
+    normal = make_server("--postgres-sched", "normal", "--workers", "1", "--pool-size", "2")
+    assert os.sched_getscheduler(normal.postmaster_pid()) == os.SCHED_OTHER
+    with psycopg.connect(normal.dsn(), autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
 
 
 def test_psql_select_one(server):

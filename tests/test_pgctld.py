@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from supervisor.pgctld import (
@@ -161,6 +162,23 @@ def test_start_connect_stop_leaves_no_processes(make_instance):
     assert [p for p in pids if _alive(p)] == []
     assert not inst.postmaster_pid_file.exists()
     inst.stop()  # idempotent
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "normal"])
+def test_backends_inherit_the_scheduling_policy(make_instance, batch):
+    """SCHED_BATCH by default (a backend woken by a query does not preempt the worker
+    that sent it); batch_sched=False leaves Postgres as it would start by hand."""
+    inst = make_instance(batch_sched=batch)
+    proc = inst.start()
+    inst.wait_ready(timeout=30)
+    with psycopg.connect(host=str(inst.socket_dir), port=inst.port, user="postgres",
+                         dbname="postgres", connect_timeout=10) as conn:
+        backend = conn.info.backend_pid
+        assert backend in _children_of(proc.pid)
+        policies = {os.sched_getscheduler(proc.pid)}
+        policies |= {os.sched_getscheduler(p) for p in _children_of(proc.pid) if _alive(p)}
+    assert policies == {os.SCHED_BATCH if batch else os.SCHED_OTHER}
+    inst.stop()
 
 
 def test_data_survives_restart_and_update_config(make_instance):
