@@ -172,3 +172,40 @@ def test_generator_connects_without_a_resolver():
         assert uvloop.run(attempt(port)) == f"connected to {port}"
     # The listener is closed now: nothing accepts on that port any more.
     assert uvloop.run(attempt(port)) == "connection refused"
+
+
+def test_a_connect_cancelled_in_the_same_loop_turn_is_not_woken() -> None:
+    """The socket turns writable in the loop turn in which something else cancelled
+    the connect: its writer callback runs before the connect's ``finally`` removes it,
+    and must not wake a cancelled future (that raised InvalidStateError in the
+    generator under load)."""
+    import socket
+
+    from bench.firehose.worker import _sock_connect
+
+    async def scenario(port: int) -> None:
+        loop = asyncio.get_running_loop()
+        writers = []
+        add_writer = loop.add_writer
+
+        def recording_add_writer(fd, callback, *args):
+            writers.append((callback, args))
+            add_writer(fd, callback, *args)
+
+        loop.add_writer = recording_add_writer  # a plain asyncio loop: patchable
+        with socket.socket() as sock:
+            sock.setblocking(False)
+            task = loop.create_task(_sock_connect(loop, sock, ("127.0.0.1", port)))
+            await asyncio.sleep(0)
+            assert writers, "the connect did not wait for writability"
+            task.cancel()
+            callback, args = writers[0]
+            callback(*args)  # the writer's turn comes before the task's
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    port = free_port()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", port))
+        listener.listen(1)
+        asyncio.run(scenario(port))

@@ -89,7 +89,7 @@ async def _sock_connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, ad
         pass
     fd = sock.fileno()
     writable = loop.create_future()
-    loop.add_writer(fd, writable.set_result, None)
+    loop.add_writer(fd, _wake, writable)
     try:
         await writable
     finally:
@@ -97,6 +97,14 @@ async def _sock_connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, ad
     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
         raise OSError(err, os.strerror(err))
+
+
+def _wake(fut: asyncio.Future) -> None:
+    """The socket is writable. The connect may have been cancelled (a churn closing it,
+    a timeout) by a callback that ran earlier in the same loop turn, before its
+    ``finally`` could remove this writer: then there is no one left to wake."""
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _os_kind(exc: OSError) -> str:
