@@ -815,9 +815,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         log("stopping pgbouncer and pgfleet")
         try:
-            if pipe is not None:
-                pipe.stop()
-            bouncer.stop()
+            try:
+                if pipe is not None:
+                    pipe.stop()
+            finally:
+                bouncer.stop()
         finally:
             fleet.stop()
         fleet_log = fleet.log()

@@ -386,9 +386,12 @@ class BackendLink(asyncio.Protocol):
         ):
             return False
         parsed = None
-        for e in queue:
+        # A Sync or Query before the last entry: this read answers only the first of
+        # several pipelined units. By position, not identity: units share BARE entries.
+        before_last = len(queue) - 1
+        for i, e in enumerate(queue):
             if e.__class__ is _BareExpect:  # nothing attached: only its place matters
-                if e is not last and (e.kind == K_SYNC or e.kind == K_QUERY):
+                if i < before_last and (e.kind == K_SYNC or e.kind == K_QUERY):
                     return False
                 continue
             if e.on_done is not None:
@@ -401,7 +404,7 @@ class BackendLink(asyncio.Protocol):
                 or e.rows is not None
                 or e.hold_z
                 or e.kind == K_SYNTH
-                or (e is not last and (e.kind == K_SYNC or e.kind == K_QUERY))
+                or (i < before_last and (e.kind == K_SYNC or e.kind == K_QUERY))
             ):
                 return False
         queue.clear()

@@ -374,6 +374,8 @@ class LeaseManager:
             self.release(link, "dead")
 
     def _sweep(self) -> None:
+        # First, so that nothing below can stop the sweeps (and with them wait timeouts).
+        self._sweeper = self.loop.call_later(0.5, self._sweep)
         timeout = self.worker.cfg.query_wait_timeout
         if timeout > 0:
             # Waits end here, at most a sweep late (PgBouncer checks once a second): a
@@ -390,7 +392,6 @@ class LeaseManager:
                 self.release(link, "dead" if link.dead else "clean")
         for key in list(self.requests_of):
             self._trim_requests(key)
-        self._sweeper = self.loop.call_later(0.5, self._sweep)
 
     def close_all(self) -> None:
         self._sweeper.cancel()

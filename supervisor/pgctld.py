@@ -186,6 +186,33 @@ class _Account:
     groups: tuple[int, ...]
 
 
+@contextlib.contextmanager
+def _scheduling(batch: bool):
+    """Around the postmaster's fork, make this thread SCHED_BATCH, which the
+    postmaster inherits at the fork and every process it forks after it: no race
+    with its early children, and the supervisor's thread is back as it was after.
+
+    SCHED_BATCH keeps the same CPU share; the one difference is that a backend woken
+    by a gateway worker's write no longer preempts that worker on a busy CPU. Behind
+    a pooler every backend wakeup is such a write, and the preempted worker was in
+    the middle of other clients' traffic: each preemption cost two context switches
+    and left its batch waiting."""
+    if not batch or not hasattr(os, "SCHED_BATCH"):
+        yield
+        return
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except OSError as exc:
+        log.warning("could not start postgres as SCHED_BATCH: %s", exc)
+        yield
+        return
+    try:
+        yield
+    finally:
+        os.sched_setscheduler(0, policy, param)
+
+
 # --------------------------------------------------------------------------
 # PgInstance
 # --------------------------------------------------------------------------
@@ -199,7 +226,7 @@ class PgInstance:
     port: int = 5432
     max_connections: int = 100
     os_user: str | None = None
-    # Run the postmaster (and so every backend it forks) as SCHED_BATCH: see _set_batch.
+    # Run the postmaster (and so every backend it forks) as SCHED_BATCH: see _scheduling.
     batch_sched: bool = True
     proc: subprocess.Popen | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -359,38 +386,23 @@ class PgInstance:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
             logf.write(f"--- pgfleet: starting postgres at {stamp} ---\n".encode())
             logf.flush()
-            self.proc = subprocess.Popen(
-                [str(pg_bin / "postgres"), "-D", str(self.data_dir)],
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                env=self._child_env(pg_bin),
-                cwd=str(self.home),
-                close_fds=True,
-                # Keep terminal signals (^C to the supervisor) away from the
-                # postmaster: the supervisor decides when postgres stops.
-                process_group=0,
-                **self._user_kwargs(acct),
-            )
-        if self.batch_sched:
-            self._set_batch(self.proc.pid)
+            # Forked as SCHED_BATCH (see _scheduling): every process it forks inherits it.
+            with _scheduling(self.batch_sched):
+                self.proc = subprocess.Popen(
+                    [str(pg_bin / "postgres"), "-D", str(self.data_dir)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=logf,
+                    stderr=subprocess.STDOUT,
+                    env=self._child_env(pg_bin),
+                    cwd=str(self.home),
+                    close_fds=True,
+                    # Keep terminal signals (^C to the supervisor) away from the
+                    # postmaster: the supervisor decides when postgres stops.
+                    process_group=0,
+                    **self._user_kwargs(acct),
+                )
         log.info("started postgres (pid %d) on %s", self.proc.pid, self.data_dir)
         return self.proc
-
-    @staticmethod
-    def _set_batch(pid: int) -> None:
-        """Make the new postmaster SCHED_BATCH, which the backends it forks inherit.
-
-        The same CPU share as before; the one difference is that a backend woken by a
-        gateway worker's write no longer preempts that worker on a busy CPU. Behind a
-        pooler every backend wakeup is such a write, and the preempted worker was in
-        the middle of other clients' traffic: each preemption cost two context
-        switches and left its batch waiting. Set from here, right after exec: the
-        postmaster is still starting up, long before it accepts a connection."""
-        try:
-            os.sched_setscheduler(pid, os.SCHED_BATCH, os.sched_param(0))
-        except OSError as exc:
-            log.warning("could not make postgres (pid %d) SCHED_BATCH: %s", pid, exc)
 
     def wait_ready(self, timeout: float = 30.0, *, cancel: threading.Event | None = None) -> None:
         """Block until a real login over the Unix socket reaches ReadyForQuery.

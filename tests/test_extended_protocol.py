@@ -8,6 +8,8 @@ also go straight to Postgres and both replies must match.
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 import pytest
 
@@ -15,7 +17,7 @@ from pgwire import backend as be
 from pgwire import frontend as fe
 from tests.wire import RawClient, data_rows
 
-INT4, TEXT = 23, 25
+INT4, TEXT, FLOAT8 = 23, 25, 701
 
 
 @pytest.fixture(scope="module")
@@ -645,3 +647,39 @@ def test_whole_units_inside_a_transaction_answer_as_postgres_does(one_backend):
     finally:
         s.close()
         d.close()
+
+
+@pytest.mark.parametrize("shape", ["unnamed", "bound"])
+def test_units_sent_before_the_last_one_answered(one_backend, shape):
+    """A second whole unit arrives, in a write of its own, while the first still runs
+    on the backend (pipelining without waiting, as asyncpg's executemany and JDBC
+    batches do): both are answered, in order, and only then is the backend given back.
+    The two units book the same shared reply entries; the first answer must not be
+    taken for the whole queue's."""
+    s = via(one_backend)
+    try:
+        if shape == "bound":
+            parse = fe.encode_parse("slow", "select pg_sleep($1::float8), $2::int",
+                                    [FLOAT8, INT4])
+            assert exchange(s, parse, fe.SYNC)[-1] == ("ReadyForQuery", "I")
+
+            def unit(delay: bytes, tag: bytes) -> bytes:
+                return b"".join([fe.encode_bind("", "slow", [delay, tag]), fe.encode_execute(),
+                                 fe.SYNC])
+        else:
+            def unit(delay: bytes, tag: bytes) -> bytes:
+                return b"".join(group("select pg_sleep($1::float8), $2::int", delay, tag,
+                                      describe=None))
+        for _ in range(3):
+            s.send(unit(b"0.3", b"1"))
+            time.sleep(0.1)  # the first unit is running when the second arrives
+            s.send(unit(b"0.2", b"2"))
+            first, second = summary(s.read_until_ready()), summary(s.read_until_ready())
+            assert first[-2:] == [("CommandComplete", "SELECT 1"), ("ReadyForQuery", "I")]
+            assert ("DataRow", [b"", b"1"]) in first
+            assert ("DataRow", [b"", b"2"]) in second
+            # The only backend is free again for another session.
+            with side_session(one_backend) as other:
+                assert other.execute("select 'after'").fetchone() == ("after",)
+    finally:
+        s.close()

@@ -170,6 +170,7 @@ def test_backends_inherit_the_scheduling_policy(make_instance, batch):
     that sent it); batch_sched=False leaves Postgres as it would start by hand."""
     inst = make_instance(batch_sched=batch)
     proc = inst.start()
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the starting thread is back
     inst.wait_ready(timeout=30)
     with psycopg.connect(host=str(inst.socket_dir), port=inst.port, user="postgres",
                          dbname="postgres", connect_timeout=10) as conn:
