@@ -169,6 +169,21 @@ def psql(args: list[str], sql: str, env: dict[str, str] | None = None, timeout: 
     return res.stdout.strip()
 
 
+def stop_process(proc: subprocess.Popen | None, *steps: tuple[int, float]) -> None:
+    """Send each (signal, seconds to wait for the exit) in turn; SIGKILL if none worked."""
+    if proc is None or proc.poll() is not None:
+        return
+    for sig, seconds in steps:
+        proc.send_signal(sig)
+        try:
+            proc.wait(seconds)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    proc.kill()
+    proc.wait(5)
+
+
 def wait_until_ready(name: str, proc: subprocess.Popen, port: int, password: str,
                      read_log: Callable[[], str], timeout: float,
                      ready: Callable[[], bool] = lambda: True) -> None:
@@ -330,17 +345,8 @@ class PgBouncer:
         return "\n".join(parts)
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # safe shutdown: there are no clients left
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.send_signal(signal.SIGTERM)  # immediate shutdown
-                try:
-                    self.proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(5)
+        # Safe shutdown (there are no clients left), then immediate shutdown.
+        stop_process(self.proc, (signal.SIGINT, timeout), (signal.SIGTERM, 5))
         if self._out is not None:
             self._out.close()
             self._out = None
@@ -375,13 +381,7 @@ class PipeFloor:
             return ""
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, (signal.SIGTERM, timeout))
         if self._out is not None:
             self._out.close()
             self._out = None

@@ -27,3 +27,23 @@ def test_summary_orders_scram_and_trust_churn_rows_and_computes_ratios() -> None
     assert trust["pgfleet"]["vs_pgbouncer"] == 1.1
     assert trust["pgfleet"]["vs_direct"] == 16.5
     assert "simple, trust -C" in pgbench_compare.format_table(rows)
+
+
+def test_stop_process_escalates_to_kill() -> None:
+    """Each signal gets its wait; a process that ignores them all is killed."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "signal.signal(signal.SIGINT, signal.SIG_IGN); print('ready', flush=True); "
+            "time.sleep(60)")
+    stubborn = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert stubborn.stdout.readline().strip() == "ready"
+    pgbench_compare.stop_process(stubborn, (signal.SIGINT, 0.2), (signal.SIGTERM, 0.2))
+    assert stubborn.returncode == -signal.SIGKILL
+    stubborn.stdout.close()
+    polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    pgbench_compare.stop_process(polite, (signal.SIGTERM, 10))
+    assert polite.returncode == -signal.SIGTERM
+    pgbench_compare.stop_process(polite, (signal.SIGTERM, 10))  # already gone: nothing
