@@ -21,7 +21,7 @@ from pgwire import sqlstate
 from pgwire.backend import decode_backend
 from pgwire.errors import ProtocolViolation, error_response
 from pgwire.framing import MessageFramer
-from pgwire.frontend import encode_close
+from pgwire.frontend import SYNC, encode_close, encode_describe, encode_execute
 
 from .listen import after_transaction
 
@@ -123,9 +123,8 @@ BARE = tuple(_BareExpect(kind) for kind in range(K_SYNTH))
 # What drivers send after a Bind to the unnamed portal, as one chunk, with the shared
 # Expects for it: Describe portal, Execute all rows, Sync (pgbench, JDBC), or just
 # Execute and Sync (psycopg, the firehose, asyncpg). Each Expect keeps its message.
-DESCRIBE_PORTAL = b"D\x00\x00\x00\x06P\x00"
-EXECUTE_ALL = b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00"
-SYNC = b"S\x00\x00\x00\x04"
+DESCRIBE_PORTAL = encode_describe("P", "")
+EXECUTE_ALL = encode_execute()
 PORTAL_TAILS: dict[bytes, tuple[Expect, ...]] = {
     DESCRIBE_PORTAL + EXECUTE_ALL + SYNC: (
         _BareExpect(K_DESC_P, DESCRIBE_PORTAL), _BareExpect(K_EXEC, EXECUTE_ALL),

@@ -427,7 +427,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         tail = data[bind_end:]
         expects = PORTAL_TAILS.get(tail)
         if expects is not None:  # the usual tail: booked and written whole
-            link.queue.extend(expects)
+            link.expect_all(expects)
             link.write(tail)
             return
         n = len(data)
