@@ -694,8 +694,8 @@ def main(argv: list[str] | None = None) -> int:
     fleet = Pgfleet(base, password, args.pool_size, args.workers)
     bouncer = PgBouncer(base, fleet.socket_dir, args.pool_size)
     pipe = PipeFloor(base, fleet.socket_dir, args.workers) if args.floor else None
-    targets = TARGETS if args.floor else tuple(t for t in TARGETS if t != "pipe")
     churn_targets = tuple(t for t in TARGETS if t != "pipe")
+    targets = TARGETS if args.floor else churn_targets
     notes: list[str] = []
     runs: list[dict] = []
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

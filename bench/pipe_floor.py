@@ -123,15 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     print(f"pipe floor on {a.host}:{a.port} -> {a.backend}, {len(children)} workers", flush=True)
-    for pid in children:
-        while True:
-            try:
-                os.waitpid(pid, 0)
-                break
-            except InterruptedError:
-                continue
-            except ChildProcessError:
-                break
+    for pid in children:  # (waitpid resumes by itself after the signal handler)
+        os.waitpid(pid, 0)
     return 0
 
 
