@@ -35,6 +35,7 @@ from .startup_params import StartupParamError, session_settings
 if TYPE_CHECKING:
     from .backend import BackendLink
     from .session import Session
+    from .worker import Worker
 
 PASSWORD_MSG = ord("p")
 TERMINATE = ord("X")
@@ -62,6 +63,81 @@ class _NextMessage:
 _NEXT_MESSAGE = _NextMessage()
 
 
+class StartupFacts:
+    """What a startup packet asks for, worked out once per distinct packet: every
+    connection of an application sends the same bytes, so a worker keeps these by
+    packet (see Worker.remember_startup) and a repeat login skips the parsing."""
+
+    __slots__ = ("user", "database", "key", "settings", "custom_names", "status_key", "negotiate")
+
+    def __init__(self, user: str, database: str, settings: dict[str, tuple[str, str]],
+                 status_key: tuple, negotiate: bytes | None) -> None:
+        self.user = user
+        self.database = database
+        self.key = (database, user)
+        self.settings = settings
+        # Extension-style settings (app.tenant): the session re-reads them by name.
+        self.custom_names = frozenset(low for low in settings if "." in low)
+        self.status_key = status_key
+        self.negotiate = negotiate  # NegotiateProtocolVersion to send first, if any
+
+
+def read_startup(worker: Worker, msg: fe.StartupMessage) -> StartupFacts:
+    """A StartupMessage's user, database and settings, refused as Postgres refuses them."""
+    params = msg.params
+    minor = msg.protocol & 0xFFFF
+    unknown = [k for k in params if k.startswith("_pq_.")]
+    negotiate = be.encode_negotiate_protocol_version(0, unknown) if minor > 0 or unknown else None
+    user = params.get("user", "")
+    if not user:
+        raise LoginFailed(
+            sqlstate.INVALID_AUTHORIZATION_SPECIFICATION,
+            "no PostgreSQL user name specified in startup packet",
+        )
+    database = params.get("database") or user
+    repl = params.get("replication")
+    if repl is not None and repl.lower() not in ("false", "off", "no", "0"):
+        raise LoginFailed(
+            sqlstate.FEATURE_NOT_SUPPORTED, "pgfleet does not accept replication connections"
+        )
+    try:
+        settings = session_settings(params)
+    except StartupParamError as exc:
+        raise LoginFailed(exc.sqlstate, exc.message) from None
+    settings = worker.shared_book(settings)
+    return StartupFacts(user, database, settings, worker.status_key((database, user), settings),
+                        negotiate)
+
+
+class LoginDeadlines:
+    """Ends logins that outlast --auth-timeout, as Postgres's authentication_timeout
+    does: one sweep over the logins in progress instead of a timer per connection
+    (made and cancelled at every login). A login ends between ``timeout`` and
+    ``timeout`` plus one sweep period after its connection opened."""
+
+    __slots__ = ("loop", "timeout", "period", "started")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self.loop = loop
+        self.timeout = timeout
+        self.period = min(1.0, max(0.05, timeout / 10))
+        # Login -> loop time its connection opened, oldest first (only ever appended).
+        self.started: dict[Login, float] = {}
+        loop.call_later(self.period, self._sweep)
+
+    def _sweep(self) -> None:
+        self.loop.call_later(self.period, self._sweep)
+        limit = self.loop.time() - self.timeout
+        late = []
+        for login, opened in self.started.items():
+            if opened > limit:
+                break
+            late.append(login)
+        for login in late:
+            if self.started.pop(login, None) is not None:
+                login.timed_out()
+
+
 class Login:
     """Drives one client's login; lives only until the session is ready or gone.
 
@@ -80,22 +156,24 @@ class Login:
         self._running = False
         self._awaits_message = False
         self._link_fut: asyncio.Future | None = None
-        self.timer = self.loop.call_later(self.worker.cfg.auth_timeout, self._timed_out)
+        self.worker.login_deadlines.started[self] = self.loop.time()
 
     def abort(self) -> None:
         """The session is gone: stop the login where it waits (its finally blocks run)."""
-        self.timer.cancel()
+        self.worker.login_deadlines.started.pop(self, None)
         coro, self._coro = self._coro, None
         if coro is not None and not self._running:
             coro.close()
         if self._link_fut is not None and not self._link_fut.done():
             self._link_fut.cancel()
 
-    def _timed_out(self) -> None:
+    def timed_out(self) -> None:
         self.session.fatal(sqlstate.PROTOCOL_VIOLATION, "canceling authentication due to timeout")
 
-    def start(self, msg: fe.StartupMessage) -> None:
-        self._coro = self._run(msg)
+    def start(self, start: fe.StartupMessage | StartupFacts, packet: bytes | None = None) -> None:
+        """Log in with a decoded StartupMessage (``packet``: its bytes, to remember
+        what it asks for) or with the facts of a packet seen before."""
+        self._coro = self._run(start, packet)
         self._step()
 
     def wake(self) -> None:
@@ -145,10 +223,10 @@ class Login:
         return payload
 
     # -- the login sequence -------------------------------------------------------------------
-    async def _run(self, msg: fe.StartupMessage) -> None:
+    async def _run(self, start: fe.StartupMessage | StartupFacts, packet: bytes | None) -> None:
         s = self.session
         try:
-            status = await self._login(msg)
+            status = await self._login(start, packet)
         except LoginFailed as exc:
             s.fatal(exc.code, exc.message, exc.detail)
             return
@@ -161,37 +239,25 @@ class Login:
         except Exception as exc:  # the pooler vanished, etc.: fail this client only
             s.fatal(sqlstate.CONNECTION_FAILURE, f"pgfleet could not log you in: {exc}")
             return
-        self.timer.cancel()
+        self.worker.login_deadlines.started.pop(self, None)
         if s.phase != 3:
             s.ready(status)
 
-    async def _login(self, msg: fe.StartupMessage) -> dict[str, str]:
+    async def _login(self, start: fe.StartupMessage | StartupFacts,
+                     packet: bytes | None) -> dict[str, str]:
         s = self.session
-        params = msg.params
-        minor = msg.protocol & 0xFFFF
-        unknown = [k for k in params if k.startswith("_pq_.")]
-        if minor > 0 or unknown:
-            s.write_client(be.encode_negotiate_protocol_version(0, unknown))
-        user = params.get("user", "")
-        if not user:
-            raise LoginFailed(
-                sqlstate.INVALID_AUTHORIZATION_SPECIFICATION,
-                "no PostgreSQL user name specified in startup packet",
-            )
-        database = params.get("database") or user
-        repl = params.get("replication")
-        if repl is not None and repl.lower() not in ("false", "off", "no", "0"):
-            raise LoginFailed(
-                sqlstate.FEATURE_NOT_SUPPORTED, "pgfleet does not accept replication connections"
-            )
-        try:
-            settings = session_settings(params)
-        except StartupParamError as exc:
-            raise LoginFailed(exc.sqlstate, exc.message) from None
-        s.user, s.database, s.key = user, database, (database, user)
-        settings = self.worker.shared_book(settings)
-        s.settings = s.startup_settings = settings
-        s.custom_names = frozenset(low for low in settings if "." in low)
+        if type(start) is StartupFacts:
+            facts = start
+        else:
+            facts = read_startup(self.worker, start)
+            if packet is not None:
+                self.worker.remember_startup(packet, facts)
+        if facts.negotiate is not None:
+            s.write_client(facts.negotiate)
+        user, database = facts.user, facts.database
+        s.user, s.database, s.key = user, database, facts.key
+        s.settings = s.startup_settings = facts.settings
+        s.custom_names = facts.custom_names
 
         if self.worker.cfg.auth == "password" and not s.tls_in_use:
             # Cleartext passwords only travel encrypted: as a pg_hba.conf with hostssl only.
@@ -200,7 +266,7 @@ class Login:
                 f'no pg_hba.conf entry for host "{self._client_host()}", user "{user}", '
                 f'database "{database}", no encryption',
             )
-        cache_key = self.worker.status_key(s.key, settings)
+        cache_key = facts.status_key
         # Role/database defaults may change while we wait; then what we learn is stale.
         gen = self.worker.defaults_gen
         worker = self.worker

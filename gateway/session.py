@@ -109,7 +109,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         self.worker = worker
         self.transport: asyncio.Transport | None = None
         self.phase = STARTUP
-        self.startup_framer: StartupFramer | None = StartupFramer()
+        self.startup_framer: StartupFramer | None = None  # made if a packet is split
         self.framer = MessageFramer(frontend=True)
         self.login: Login | None = None
         self.user = ""
@@ -477,6 +477,15 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
 
     def _startup_data(self, data: bytes) -> None:
         sf = self.startup_framer
+        if sf is None or not sf.buffered():
+            # The usual read: one whole startup packet, byte for byte one seen before.
+            facts = self.worker.startups.get(data)
+            if facts is not None and not self.handshaking:
+                self.phase = AUTH
+                self.login.start(facts)
+                return
+            if sf is None:
+                sf = self.startup_framer = StartupFramer()
         sf.feed(data)
         if self.handshaking:
             return  # bytes behind the handshake: read once it is done
@@ -507,7 +516,8 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             self.startup_framer = None
             self.phase = AUTH
             self.framer.feed(rest)
-            self.login.start(msg)
+            # Its bytes (length word and all), to remember what it asks for.
+            self.login.start(msg, (len(pkt) + 4).to_bytes(4, "big") + pkt)
 
     def _encryption_request(self, ssl_request: bool) -> None:
         """Answer SSLRequest 'S' (TLS configured) or 'N', GSSENCRequest always 'N'."""

@@ -29,6 +29,7 @@ from . import gc_policy
 from .backend import K_QUERY, BackendLink
 from .leases import LeaseManager
 from .listen import Listeners
+from .login import LoginDeadlines, StartupFacts
 from .role_facts import RoleFacts
 from .session import Session
 
@@ -38,6 +39,9 @@ T = TypeVar("T")
 STATUS_CACHE_SIZE = 1024
 SHARED_BOOKS_MAX = 4096
 STATEMENT_NAMES_MAX = 16384
+#: Distinct startup packets whose facts a worker keeps, and the longest it keeps.
+STARTUP_FACTS_MAX = 1024
+STARTUP_PACKET_CACHED_MAX = 1024
 
 
 class PoolerClient:
@@ -140,6 +144,9 @@ class Worker:
         self.sessions: set[Session] = set()
         self.status_cache: OrderedDict[tuple, dict[str, str]] = OrderedDict()
         self.books: dict[frozenset, dict[str, tuple[str, str]]] = {}
+        # Startup packet (length word included) -> what it asks for.
+        self.startups: dict[bytes, StartupFacts] = {}
+        self.login_deadlines = LoginDeadlines(self.loop, cfg.auth_timeout)
         # id(shared book) -> (book, its settings as text); id(status) -> (status, encoded)
         self._settings_text: dict[int, tuple[object, str]] = {}
         self._status_bytes: dict[int, tuple[object, bytes]] = {}
@@ -355,6 +362,14 @@ class Worker:
                 self.books.clear()
             self.books[key] = shared = book
         return shared
+
+    def remember_startup(self, packet: bytes, facts: StartupFacts) -> None:
+        """Keep what an accepted startup packet asks for, so the next login that sends
+        the same bytes skips decoding it (a long packet is rare, and not kept)."""
+        if len(packet) <= STARTUP_PACKET_CACHED_MAX:
+            if len(self.startups) >= STARTUP_FACTS_MAX:
+                self.startups.clear()
+            self.startups[packet] = facts
 
     def remember_status(self, cache_key: tuple, status: dict[str, str]) -> None:
         self.status_cache[cache_key] = status

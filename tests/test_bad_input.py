@@ -269,6 +269,21 @@ def test_stalled_scram_exchange_dropped_after_auth_timeout(server):
         assert_fatal_then_eof(c, "08P01", AUTH_TIMEOUT)
 
 
+def test_a_login_slower_than_half_the_auth_timeout_is_not_cut_short(server):
+    """Logins end by a periodic sweep, not a timer each: one that takes two thirds
+    of --auth-timeout (3 s) between its SCRAM messages still completes."""
+    with RawClient(server.port) as c:
+        c.startup()
+        c.answer_auth(c.expect_auth(be.AUTH_SASL), "postgres", PASSWORD)
+        msg = c.expect_auth(be.AUTH_SASL_CONTINUE)
+        time.sleep(2.0)
+        c.answer_auth(msg, "postgres", PASSWORD)
+        c.answer_auth(c.expect_auth(be.AUTH_SASL_FINAL), "postgres", PASSWORD)
+        c.expect_auth(be.AUTH_OK)
+        c._after_auth_ok()
+        assert data_rows(c.query("select 1")) == [[b"1"]]
+
+
 def test_clients_that_vanish_at_each_step_of_scram_leave_the_worker_serving(server):
     """A login waits for the client at each SCRAM step; a client that closes or
     resets there ends only its own login (the login is stopped where it waits)."""
