@@ -62,6 +62,11 @@ class _NextMessage:
 
 _NEXT_MESSAGE = _NextMessage()
 
+# The SASL mechanisms offered (with TLS, -PLUS first, as Postgres lists them), encoded once.
+_WITH_PLUS = (SCRAM_SHA_256_PLUS, SCRAM_SHA_256)
+_WITHOUT_PLUS = (SCRAM_SHA_256,)
+_SASL_OFFERS = {m: be.encode_auth_sasl(m) for m in (_WITH_PLUS, _WITHOUT_PLUS)}
+
 
 class StartupFacts:
     """What a startup packet asks for, worked out once per distinct packet: every
@@ -379,8 +384,8 @@ class Login:
         s = self.session
         # Over TLS, SCRAM-SHA-256-PLUS too (tls-server-end-point), first as Postgres lists it.
         binding = tls.channel_binding_data(s.transport) if s.tls_in_use else None
-        mechanisms = [SCRAM_SHA_256_PLUS, SCRAM_SHA_256] if binding else [SCRAM_SHA_256]
-        s.write_client(be.encode_auth_sasl(mechanisms))
+        mechanisms = _WITH_PLUS if binding else _WITHOUT_PLUS
+        s.write_client(_SASL_OFFERS[mechanisms])
         payload = await self._password_message("SASL response")
         mech, data = fe.decode_sasl_initial(payload)
         if mech not in mechanisms:

@@ -565,7 +565,8 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         self.uncork()
         self.phase = READY
         # A client may have pipelined messages behind its last login message.
-        self.data_received(b"")
+        if self.framer.buffered():
+            self.data_received(b"")
 
     # -- the session proper ------------------------------------------------------------------
     def _on_message(self, mtype: int, payload: bytes, raw: bytes) -> None:
