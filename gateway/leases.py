@@ -320,6 +320,8 @@ class LeaseManager:
 
     def _pay_debt(self, key: Key) -> bool:
         """True if a link of ``key`` coming free is owed to the pooler (and count it)."""
+        if not self.debt:  # the usual case, on every transaction's release
+            return False
         for k in (key, None):
             n = self.debt.get(k, 0)
             if n > 0:

@@ -64,7 +64,9 @@ OnClose = Callable[[], None]
 
 _RECV_SIZE = 65536
 _ANC_SIZE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
-_RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_RECV_FLAGS = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+# As a plain int: socket's flag constants are enum members, and `&` on them builds one.
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
 _MAX_WRITE = 256 * 1024  # bytes gathered into one sendmsg when flushing the queue
 _MAX_IOV = 64  # buffers gathered into one sendmsg
@@ -255,7 +257,7 @@ class Channel:
             self._fail(exc)
             return
         fds = _extract_fds(ancdata) if ancdata else []
-        if flags & socket.MSG_CTRUNC:
+        if flags & _MSG_CTRUNC:
             _close_fds(fds)
             self._fail(IpcError("ancillary data truncated: descriptors were lost"))
             return
