@@ -175,10 +175,10 @@ class Login:
     def timed_out(self) -> None:
         self.session.fatal(sqlstate.PROTOCOL_VIOLATION, "canceling authentication due to timeout")
 
-    def start(self, start: fe.StartupMessage | StartupFacts, packet: bytes | None = None) -> None:
+    def start(self, startup: fe.StartupMessage | StartupFacts, packet: bytes | None = None) -> None:
         """Log in with a decoded StartupMessage (``packet``: its bytes, to remember
         what it asks for) or with the facts of a packet seen before."""
-        self._coro = self._run(start, packet)
+        self._coro = self._run(startup, packet)
         self._step()
 
     def wake(self) -> None:
@@ -228,10 +228,10 @@ class Login:
         return payload
 
     # -- the login sequence -------------------------------------------------------------------
-    async def _run(self, start: fe.StartupMessage | StartupFacts, packet: bytes | None) -> None:
+    async def _run(self, startup: fe.StartupMessage | StartupFacts, packet: bytes | None) -> None:
         s = self.session
         try:
-            status = await self._login(start, packet)
+            status = await self._login(startup, packet)
         except LoginFailed as exc:
             s.fatal(exc.code, exc.message, exc.detail)
             return
@@ -248,13 +248,13 @@ class Login:
         if s.phase != 3:
             s.ready(status)
 
-    async def _login(self, start: fe.StartupMessage | StartupFacts,
+    async def _login(self, startup: fe.StartupMessage | StartupFacts,
                      packet: bytes | None) -> dict[str, str]:
         s = self.session
-        if type(start) is StartupFacts:
-            facts = start
+        if type(startup) is StartupFacts:
+            facts = startup
         else:
-            facts = read_startup(self.worker, start)
+            facts = read_startup(self.worker, startup)
             if packet is not None:
                 self.worker.remember_startup(packet, facts)
         if facts.negotiate is not None:

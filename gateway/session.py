@@ -481,6 +481,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             # The usual read: one whole startup packet, byte for byte one seen before.
             facts = self.worker.startups.get(data)
             if facts is not None and not self.handshaking:
+                self.startup_framer = None
                 self.phase = AUTH
                 self.login.start(facts)
                 return

@@ -16,7 +16,7 @@ from typing import TypeVar
 import orjson
 import uvloop
 
-from ipc.cancel_table import CLIENT_PID_BASE, CancelTable, new_secret
+from ipc.cancel_table import CancelTable, new_secret
 from ipc.channel import Channel, connect
 from ipc.epoch import SharedEpoch
 from ipc.statement_catalog import HASHED_KEY, StatementCatalog, backend_name, key_of_name, sql_key
@@ -174,12 +174,11 @@ class Worker:
             return -1, 0, new_secret()  # table full: this client just cannot cancel
         slot = self.free_slots.pop()
         secret = new_secret()
-        # Our own slot and a non-zero secret: the table's unchecked write (claim() checks).
-        self.cancel_table.serve(slot, secret, 0, 0)
-        return slot, CLIENT_PID_BASE + slot, secret
+        pid = self.cancel_table.claim(slot, secret)
+        return slot, pid, secret
 
     def release_slot(self, slot: int) -> None:
-        self.cancel_table.serve(slot, 0, 0, 0)
+        self.cancel_table.release(slot)
         self.free_slots.append(slot)
 
     def cancel_client(self, client_pid: int, secret: int) -> asyncio.Task | None:

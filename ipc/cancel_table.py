@@ -171,9 +171,8 @@ class CancelTable:
         self._write(slot, client_secret, backend_pid, backend_secret)
 
     def serve(self, slot: int, client_secret: int, backend_pid: int, backend_secret: int) -> None:
-        """Write a slot from its owning worker's hot path (a login, a release, each
-        backend a client gets): the caller passes its client's secret and values it
-        knows to be valid, so there are no checks and no read-back."""
+        """set_backend for the owning worker's hot path: it passes its client's secret
+        and values it already knows to be valid (no checks, no read-back)."""
         self._write(slot, client_secret, backend_pid, backend_secret)
 
     def release(self, slot: int) -> None:
