@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import pwd
@@ -423,6 +424,29 @@ def parse_pgbench(out: str) -> dict:
     return res
 
 
+#: Share of transactions pgbench logs for the latency percentiles of a select-only run
+#: without -C (tens of thousands a second: a tenth is plenty and keeps pgbench's own
+#: logging cost down); every transaction of the slower runs is logged.
+FAST_RUN_LOG_SAMPLING = 0.1
+
+
+def txn_latency_percentile(paths: list[Path], q: float) -> float | None:
+    """The ``q`` quantile (nearest rank), in ms, of the transaction latencies in
+    pgbench ``--log`` files (third field, in µs); failed and skipped transactions,
+    logged with a word there, are left out. None without any transaction."""
+    latencies: list[int] = []
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                fields = line.split(None, 3)
+                if len(fields) >= 3 and fields[2].isdigit():
+                    latencies.append(int(fields[2]))
+    if not latencies:
+        return None
+    latencies.sort()
+    return latencies[max(0, math.ceil(q * len(latencies)) - 1)] / 1000
+
+
 def run_pgbench(target: str, mode: str, conn: dict, args: argparse.Namespace, clients: int,
                 churn: bool, cpu_roots: dict, workload: str = "select-only") -> dict:
     script = ["-S"] if workload == "select-only" else ["-b", "tpcb-like"]
@@ -430,6 +454,10 @@ def run_pgbench(target: str, mode: str, conn: dict, args: argparse.Namespace, cl
            "-T", str(args.duration), "-M", mode, "-P", "1"]
     if churn:
         cmd.append("-C")
+    # Per-transaction latencies, for the p99 (pgbench itself reports only the average).
+    txn_log = Path(tempfile.mkdtemp(prefix="pgbench-txn-"))
+    rate = FAST_RUN_LOG_SAMPLING if workload == "select-only" and not churn else 1.0
+    cmd += ["--log", f"--log-prefix={txn_log}/txn", f"--sampling-rate={rate}"]
     cmd += ["-h", conn["host"], "-p", str(conn["port"]), "-U", "postgres", "postgres"]
     # Plain TCP for all three (PgBouncer here has no TLS; pgfleet offers it by default).
     env = dict(os.environ, PGPASSWORD=conn["password"], PGCONNECT_TIMEOUT="10",
@@ -464,6 +492,8 @@ def run_pgbench(target: str, mode: str, conn: dict, args: argparse.Namespace, cl
     after = sample()
 
     parsed = parse_pgbench(out)
+    parsed["latency_p99_ms"] = txn_latency_percentile(sorted(txn_log.glob("txn*")), 0.99)
+    shutil.rmtree(txn_log, ignore_errors=True)
     wall = after["wall"] - before["wall"]
     cpu = {k: round(after[k] - before[k], 3) for k in ("pgbench", "pooler", "postgres")}
     if target == "direct":
@@ -504,7 +534,8 @@ def run_pgbench(target: str, mode: str, conn: dict, args: argparse.Namespace, cl
     steady = prog[1:-1] if len(prog) > 2 else prog
     result["min_1s_tps"] = min(steady) if steady else None
     tps = parsed["tps"]
-    log(f"  -> {status}: tps={tps} lat={parsed['latency_avg_ms']} ms failed={parsed['failed']}"
+    log(f"  -> {status}: tps={tps} lat={parsed['latency_avg_ms']} ms "
+        f"p99={parsed['latency_p99_ms']} ms failed={parsed['failed']}"
         f" errors={parsed['error_lines']} cpu={cpu}")
     if not ok:
         for ln in parsed["errors_sample"][:5]:
@@ -541,6 +572,7 @@ def summarise(runs: list[dict]) -> list[dict]:
                       ",".join(sorted({r["status"] for r in rs if r["status"] != "ok"})),
             "tps": med([r["tps"] for r in use]) if oks else None,
             "latency_avg_ms": med([r["latency_avg_ms"] for r in use]) if oks else None,
+            "latency_p99_ms": med([r.get("latency_p99_ms") for r in use]) if oks else None,
             "failed": sum(r["failed"] or 0 for r in rs),
             "error_lines": sum(r["error_lines"] for r in rs),
             "min_1s_tps": min((r["min_1s_tps"] for r in rs if r["min_1s_tps"] is not None),
@@ -559,6 +591,9 @@ def summarise(runs: list[dict]) -> list[dict]:
             base = by_key.get((r["workload"], r["clients"], r["mode"], ref))
             ok = r["tps"] is not None and base is not None and base["tps"]
             r[f"vs_{ref}"] = round(r["tps"] / base["tps"], 3) if ok else None
+        pgb = by_key.get((r["workload"], r["clients"], r["mode"], "pgbouncer"))
+        ok = r["latency_p99_ms"] is not None and pgb is not None and pgb["latency_p99_ms"]
+        r["p99_vs_pgbouncer"] = round(r["latency_p99_ms"] / pgb["latency_p99_ms"], 3) if ok else None
     order = {t: i for i, t in enumerate(TARGETS)}
     rows.sort(key=lambda r: (r["churn"], r["workload"] != "select-only", r["workload"],
                              r["clients"], MODES.index(r["mode"].split(",")[0].split()[0]),
@@ -570,20 +605,22 @@ def format_table(rows: list[dict]) -> str:
     def f(v, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
-    head = ["target", "workload", "mode", "clients", "tps", "lat avg ms", "vs direct", "vs pgbouncer",
-            "min 1s tps", "pooler CPU us/txn", "pg CPU us/txn", "other CPU %", "status"]
+    head = ["target", "workload", "mode", "clients", "tps", "lat avg ms", "lat p99 ms",
+            "vs direct", "vs pgbouncer", "p99 vs pgbouncer", "min 1s tps", "pooler CPU us/txn",
+            "pg CPU us/txn", "other CPU %", "status"]
     lines = []
     for r in rows:
         lines.append([
             r["target"], r["workload"], r["mode"], str(r["clients"]), f(r["tps"], ".0f"),
-            f(r["latency_avg_ms"], ".3f"), f(r["vs_direct"], ".2f"), f(r["vs_pgbouncer"], ".2f"),
+            f(r["latency_avg_ms"], ".3f"), f(r["latency_p99_ms"], ".3f"),
+            f(r["vs_direct"], ".2f"), f(r["vs_pgbouncer"], ".2f"), f(r["p99_vs_pgbouncer"], ".2f"),
             f(r["min_1s_tps"], ".0f"), f(r["pooler_cpu_us_per_txn"], ".1f"),
             f(r["postgres_cpu_us_per_txn"], ".1f"), f(r["other_cpu_pct"], ".0f"),
             r["status"] if r["status"] == "ok" else f"{r['status']} ({r['failed']} failed txns, "
                                                     f"{r['error_lines']} error lines)",
         ])
     widths = [max(len(h), *(len(row[i]) for row in lines)) for i, h in enumerate(head)]
-    numeric = {3, 4, 5, 6, 7, 8, 9, 10, 11}
+    numeric = set(range(3, len(head) - 1))
 
     def fmt_row(cells: list[str]) -> str:
         out = []

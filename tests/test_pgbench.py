@@ -15,7 +15,7 @@ import subprocess
 import psycopg
 import pytest
 
-from .conftest import PgfleetServer
+from .conftest import PASSWORD, PgfleetServer
 
 CLIENTS = 20
 DURATION = 5
@@ -119,3 +119,20 @@ def test_balances_match_history_in_total(bench_server):
     assert t["accounts"] == t["history_delta"]
     assert t["tellers"] == t["history_delta"]
     assert t["branches"] == t["history_delta"]
+
+
+def test_the_benchmark_reads_a_p99_from_a_real_pgbench_run(bench_server):
+    """bench.pgbench_compare's run, short, through pgfleet, with and without -C: the p99
+    comes from pgbench's own per-transaction log (sampled without -C)."""
+    import argparse
+
+    from bench import pgbench_compare
+
+    roots = {"pgfleet": {"pid": bench_server.proc.pid, "exclude": set()},
+             "postgres": {"pid": bench_server.proc.pid}}
+    conn = {"host": "127.0.0.1", "port": bench_server.port, "password": PASSWORD}
+    args = argparse.Namespace(threads=2, duration=2)
+    for churn in (False, True):
+        r = pgbench_compare.run_pgbench("pgfleet", "simple", conn, args, 4, churn, roots)
+        assert r["status"] == "ok", r["output"]
+        assert r["latency_p99_ms"] is not None and 0 < r["latency_p99_ms"] < 10_000, r
