@@ -11,7 +11,7 @@ worker that owns it, so writers need no lock.  Readers may be any process and
 use a per-slot sequence counter (seqlock) so they never observe a torn
 ``(backend_pid, backend_secret)`` pair.
 
-Layout (little endian)::
+Layout (native byte order: the table never leaves this machine)::
 
     header (64 bytes): magic b"PGFLCNCL", u32 version, u32 slots, u32 slot size, padding
     slot i at 64 + 16*i: u32 seq, u32 client_secret, u32 backend_pid, u32 backend_secret
@@ -39,12 +39,12 @@ CLIENT_PID_BASE = 0x10000000
 
 _MAGIC = b"PGFLCNCL"
 _VERSION = 1
-_HEADER = struct.Struct("<8sIII")
+_HEADER = struct.Struct("=8sIII")
 _HEADER_SIZE = 64
-_SLOT = struct.Struct("<IIII")
+_SLOT = struct.Struct("=IIII")
 _SLOT_SIZE = _SLOT.size
-_SEQ = struct.Struct("<I")
-_FIELDS = struct.Struct("<III")
+_SEQ = struct.Struct("=I")
+_FIELDS = struct.Struct("=III")
 _U32 = 0xFFFFFFFF
 _MAX_SLOTS = 0x7FFFFFFF - CLIENT_PID_BASE  # client pids must stay positive int32
 _SPINS = 64  # seqlock read attempts before giving up
@@ -82,6 +82,9 @@ class CancelTable:
         self.name = name
         self.slots = slots
         self._map = shm_map
+        # The table as u32 words, for the seqlock writer: assigning a word is one
+        # 4-byte store, where Struct.pack_into would zero its target first.
+        self._words = memoryview(shm_map).cast("I")
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -116,6 +119,7 @@ class CancelTable:
     def close(self) -> None:
         """Unmap (idempotent). The shared memory object itself survives."""
         if not self._map.closed:
+            self._words.release()
             self._map.close()
 
     def unlink(self) -> None:
@@ -168,11 +172,6 @@ class CancelTable:
         backend_secret = _u32(backend_secret, "backend_secret")
         # Only the owning worker writes this slot, so reading our own secret is safe.
         (client_secret,) = _SEQ.unpack_from(self._map, self._offset(slot) + 4)
-        self._write(slot, client_secret, backend_pid, backend_secret)
-
-    def serve(self, slot: int, client_secret: int, backend_pid: int, backend_secret: int) -> None:
-        """set_backend for the owning worker's hot path: it passes its client's secret
-        and values it already knows to be valid (no checks, no read-back)."""
         self._write(slot, client_secret, backend_pid, backend_secret)
 
     def release(self, slot: int) -> None:
@@ -233,17 +232,22 @@ class CancelTable:
         return _HEADER_SIZE + slot * _SLOT_SIZE
 
     def _write(self, slot: int, client_secret: int, backend_pid: int, backend_secret: int) -> None:
-        off = _HEADER_SIZE + slot * _SLOT_SIZE
-        end = off + 4
-        shm_map = self._map
-        (seq,) = _SEQ.unpack_from(shm_map, off)
+        i = (_HEADER_SIZE + slot * _SLOT_SIZE) >> 2
+        words = self._words
+        seq = words[i]
         # Odd = write in progress. A writer that died mid-update may have left it
-        # odd already; bump past it either way. The seq word is stored with one copy
-        # each time (see store_u32), inline: this runs on every login and release.
+        # odd already; bump past it either way.
         odd = (seq + 1 if seq % 2 == 0 else seq + 2) & _U32
-        shm_map[off:end] = odd.to_bytes(4, "little")
-        _FIELDS.pack_into(shm_map, end, client_secret, backend_pid, backend_secret)
-        shm_map[off:end] = ((odd + 1) & _U32).to_bytes(4, "little")
+        words[i] = odd
+        words[i + 1] = client_secret
+        words[i + 2] = backend_pid
+        words[i + 3] = backend_secret
+        words[i] = (odd + 1) & _U32
+
+    #: set_backend for the owning worker's hot path (each backend a client gets, and
+    #: its release): the caller passes its client's secret and values it knows to be
+    #: valid, so there are no checks and no read-back, and no call layer either.
+    serve = _write
 
     def _read(self, slot: int) -> tuple[int, int, int] | None:
         off = self._offset(slot)
