@@ -22,7 +22,7 @@ class Config:
     auth_timeout: float = 60.0
     log_level: str = "info"
     pg_port: int = 5432
-    # "batch": run Postgres as SCHED_BATCH (PgInstance._set_batch); "normal": leave it.
+    # "batch": run Postgres as SCHED_BATCH (pgctld._scheduling); "normal": leave it.
     postgres_sched: str = "batch"
     # How long a worker keeps an idle leased backend before giving it back to the pooler.
     lease_idle_seconds: float = 2.0
