@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from ipc.cancel_table import CLIENT_PID_BASE
 from pgwire import backend as be
 from pgwire import frontend as fe
 from pgwire import sqlstate
@@ -82,6 +83,9 @@ WHOLE = -1
 # (an empty set is 216 bytes and one more object for the collector to track). They
 # grow by rebinding (PinBook._add_pin).
 NO_NAMES: frozenset = frozenset()
+# A session's queue of messages waiting for a backend, until it first queues one: most
+# idle sessions never do, and an empty list is 56 bytes each (Session._queue makes one).
+NO_PENDING: tuple = ()
 QUERY_ONLY = (BARE[K_QUERY],)
 # An unnamed Parse and Bind followed by one of the usual tails: the replies the whole
 # unit asks for. Other shapes take the message-by-message check.
@@ -99,8 +103,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         "waiting", "wait_since", "pending", "pins", "pin_check", "pin_epoch", "stmts",
         "unnamed_parse", "sql_stmts", "sql_deps", "unnamed_dep", "stmt_pins", "stmt_effects",
         "unnamed_effects", "pending_resets", "pending_drop", "unnamed_pin", "setting_stmts",
-        "unnamed_sets", "unnamed_token", "skip_until_sync", "unsynced", "slot", "client_pid",
-        "client_secret", "paused_backend", "listen", "stmt_listen", "unnamed_listen",
+        "unnamed_sets", "unnamed_token", "skip_until_sync", "unsynced", "slot", "paused_backend", "listen", "stmt_listen", "unnamed_listen",
         "portal_listen", "held", "ssl_done", "gss_done", "tls_in_use", "handshaking",
         "tls_task", "corked", "stmt_prepares", "unnamed_prepare", "portal_prepare",
     )
@@ -131,8 +134,9 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         # When it started waiting (loop time): the lease manager's sweep ends waits
         # older than query_wait_timeout, instead of a timer per wait.
         self.wait_since = 0.0
-        # Messages waiting for a backend (a list: most sessions never queue more than a few).
-        self.pending: list[tuple[int, bytes, bytes]] = []
+        # Messages waiting for a backend (a list once one waits: most sessions never
+        # queue more than a few, and most idle ones none).
+        self.pending: list[tuple[int, bytes, bytes]] = NO_PENDING  # type: ignore[assignment]
         self.pins: frozenset[str] = NO_NAMES
         # Something ran that may have removed the pinning state: ask the backend what
         # is left before deciding the session is still pinned.
@@ -162,9 +166,9 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         # Extended-protocol messages were sent since the last Sync: they form one
         # implicit transaction and may leave an unnamed portal, so the backend stays.
         self.unsynced = False
+        # The session's cancel-table slot (-1: none yet, or the table is full). Its
+        # secret lives in the table only; the client pid follows from the slot.
         self.slot = -1
-        self.client_pid = 0
-        self.client_secret = 0
         self.paused_backend = False
         # LISTEN: the session's channels (None until it first LISTENs), the LISTEN ops
         # of its statements, and client messages held until the hub listens.
@@ -190,12 +194,12 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
     # -- asyncio protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.worker.sessions.add(self)
+        self.worker.sessions[self] = None
         self.login = Login(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.phase = CLOSED
-        self.worker.sessions.discard(self)
+        self.worker.sessions.pop(self, None)
         if self.login is not None:
             self.login.abort()
             self.login = None
@@ -387,7 +391,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             self._write_whole(link, data, kinds)
             link.flush()
             return
-        self.pending.append((WHOLE, kinds, data))  # type: ignore[arg-type]
+        self._queue((WHOLE, kinds, data))  # type: ignore[arg-type]
         if not self.waiting:
             self._request_backend()
         link = self.link
@@ -559,8 +563,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
     def ready(self, status: dict[str, str]) -> None:
         """Login succeeded: report parameters, our cancel key, and ReadyForQuery."""
         self.login = None
-        slot, pid, secret = self.worker.claim_slot()
-        self.slot, self.client_pid, self.client_secret = slot, pid, secret
+        self.slot, pid, secret = self.worker.claim_slot()
         self.write_client(b"".join((self.worker.status_messages(status),
                                     be.encode_backend_key_data(pid, secret), RFQ_IDLE)))
         self.uncork()
@@ -594,7 +597,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
                     return  # Postgres ignores stray COPY messages outside COPY
                 if mtype == P and self._parse_known(payload):
                     return
-            self.pending.append((mtype, payload, raw))
+            self._queue((mtype, payload, raw))
             if not self.waiting:
                 self._request_backend()
             return
@@ -635,15 +638,30 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
                 return
             if self.phase == CLOSED:
                 return
+        if not pending and pending is self.pending:
+            self.pending = NO_PENDING
         if now:
             link.flush()
             self._maybe_release(link)
+
+    def _queue(self, item: tuple[int, bytes, bytes]) -> None:
+        """Queue a message until a backend comes (the list is made by the first one)."""
+        pending = self.pending
+        if pending is NO_PENDING:
+            self.pending = [item]
+        else:
+            pending.append(item)
+
+    @property
+    def client_pid(self) -> int:
+        """The pid this client was given in BackendKeyData (0: none, the table was full)."""
+        return CLIENT_PID_BASE + self.slot if self.slot >= 0 else 0
 
     def attach(self, link: BackendLink) -> None:
         self.link = link
         link.session = self
         if self.slot >= 0:
-            self.worker.cancel_table.serve(self.slot, self.client_secret, link.pid, link.secret)
+            self.worker.cancel_table.serve(self.slot, link.pid, link.secret)
         settings = self.settings
         if link.synced_with is not settings:  # (the same book as last time: in sync)
             if settings or link.applied:
@@ -754,7 +772,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
                 link.transport.resume_reading()
                 self.paused_backend = False
         if self.slot >= 0:
-            self.worker.cancel_table.serve(self.slot, self.client_secret, 0, 0)
+            self.worker.cancel_table.serve(self.slot, 0, 0)
 
     def backend_progress(self, link: BackendLink) -> None:
         """Called after the backend's replies were routed to us."""

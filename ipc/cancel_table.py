@@ -170,9 +170,7 @@ class CancelTable:
         self._check_slot(slot)
         backend_pid = _u32(backend_pid, "backend_pid")
         backend_secret = _u32(backend_secret, "backend_secret")
-        # Only the owning worker writes this slot, so reading our own secret is safe.
-        (client_secret,) = _SEQ.unpack_from(self._map, self._offset(slot) + 4)
-        self._write(slot, client_secret, backend_pid, backend_secret)
+        self.serve(slot, backend_pid, backend_secret)
 
     def release(self, slot: int) -> None:
         """Free the slot."""
@@ -205,6 +203,16 @@ class CancelTable:
         if client_secret != secret or backend_pid == 0:
             return None
         return backend_pid, backend_secret
+
+    def holds(self, client_pid: int, secret: int) -> bool:
+        """Whether ``client_pid``'s slot is in use with ``secret`` (a CancelRequest's key
+        is a real client's, whether or not a backend serves it now)."""
+        slot = client_pid - CLIENT_PID_BASE
+        if not 0 <= slot < self.slots or not -0x80000000 <= secret <= _U32:
+            return False
+        secret &= _U32
+        fields = self._read(slot)
+        return secret != 0 and fields is not None and fields[0] == secret
 
     def find_client_by_backend(self, backend_pid: int) -> int | None:
         """Client pid of the in-use slot currently served by ``backend_pid`` (linear scan)."""
@@ -244,10 +252,18 @@ class CancelTable:
         words[i + 3] = backend_secret
         words[i] = (odd + 1) & _U32
 
-    #: set_backend for the owning worker's hot path (each backend a client gets, and
-    #: its release): the caller passes its client's secret and values it knows to be
-    #: valid, so there are no checks and no read-back, and no call layer either.
-    serve = _write
+    def serve(self, slot: int, backend_pid: int, backend_secret: int) -> None:
+        """set_backend for the owning worker's hot path (each backend a client gets, and
+        its release): the caller passes values it knows to be valid, so there are no
+        checks, and the client's secret, set by claim, is left as it is."""
+        i = (_HEADER_SIZE + slot * _SLOT_SIZE) >> 2
+        words = self._words
+        seq = words[i]
+        odd = (seq + 1 if seq % 2 == 0 else seq + 2) & _U32
+        words[i] = odd
+        words[i + 2] = backend_pid
+        words[i + 3] = backend_secret
+        words[i] = (odd + 1) & _U32
 
     def _read(self, slot: int) -> tuple[int, int, int] | None:
         off = self._offset(slot)

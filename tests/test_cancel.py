@@ -384,3 +384,30 @@ def test_cancel_of_a_statement_waiting_for_a_backend(shared_server):
                 x.close()
         assert d.execute("select count(*) from cancel_waiting_t").fetchone() == (0,)
         d.execute("drop table cancel_waiting_t")
+
+
+def test_cancel_with_a_wrong_key_leaves_a_waiting_statement_alone(shared_server):
+    """The key of a CancelRequest for a queued statement is checked against the shared
+    table: one bit off and the statement runs once a backend comes, as in Postgres."""
+    srv = shared_server
+    with direct(srv) as d, psycopg.connect(srv.dsn(), autocommit=True,
+                                           connect_timeout=10) as y:
+        d.execute("create table if not exists cancel_wrong_key_t(n int)")
+        w = worker_pids(srv)[0]
+        x, key = raw_session(srv)
+        try:
+            marker = f"hold_{uuid.uuid4().hex[:8]}"
+            busy = Busy([y], f"select pg_sleep(1.5), '{marker}'")
+            wait_for(lambda: active_pids(d, f"'{marker}'"), 15,
+                     "the pool's only backend to be busy")
+            x.send(fe.encode_query("insert into cancel_wrong_key_t values (1)"))
+            time.sleep(0.2)
+            send_cancel(srv, w, key.pid, key.secret ^ 1)
+            send_cancel(srv, w, key.pid + 1, key.secret)
+            msgs = x.read_until_ready()
+            assert errors_in(msgs) == [], msgs
+            busy.join()
+        finally:
+            x.close()
+        assert d.execute("select count(*) from cancel_wrong_key_t").fetchone() == (1,)
+        d.execute("drop table cancel_wrong_key_t")

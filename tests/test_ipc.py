@@ -717,6 +717,20 @@ def test_cancel_table_lifecycle(table_name):
         assert table.lookup(pid, 0xFFFFFFFE) == (300, 0xFFFFFFFF)
         assert table.lookup(pid, -2) == (300, 0xFFFFFFFF)
 
+        # the worker's hot path: serve changes the backend and keeps the client's secret
+        pid = table.claim(5, 0xFFFFFFF0)
+        table.serve(5, 500, 600)
+        assert table.lookup(pid, 0xFFFFFFF0) == (500, 600)
+        assert table.holds(pid, 0xFFFFFFF0) and table.holds(pid, -16)  # (the int32 spelling)
+        table.serve(5, 0, 0)
+        assert table.lookup(pid, 0xFFFFFFF0) is None
+        assert table.holds(pid, 0xFFFFFFF0)  # idle, still that client's
+        assert not table.holds(pid, 0xFFFFFFF1)
+        assert not table.holds(pid, 0)
+        assert not table.holds(CLIENT_PID_BASE + 10, 0xFFFFFFF0)  # out of range
+        table.release(5)
+        assert not table.holds(pid, 0xFFFFFFF0)
+
         with pytest.raises(ValueError):
             table.claim(4, 0)
         with pytest.raises(IndexError):
