@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 Key = tuple[str, str]
 
 DRAIN_TIMEOUT = 10.0
+# An idle link is spare, to be given back when the pooler has waiters, once it has not
+# been used for this long (the pooler asks again at most every 50 ms).
+SPARE_AFTER = 0.05
 
 
 class LeaseManager:
@@ -47,8 +50,8 @@ class LeaseManager:
         self.held: set[BackendLink] = set()  # every live link this worker holds
         self._req_ids = itertools.count(1)
         # Backends the pooler asked us to give back as they come free, per pool (another
-        # user or worker is short of its fair share); key None: of any pool.
-        self.debt: dict[Key | None, int] = {}
+        # user or worker is short of its fair share).
+        self.debt: dict[Key, int] = {}
         # Lease requests and withdrawals are batched per key and sent once per loop turn.
         self._to_request: dict[Key, list[int]] = {}
         self._to_cancel: list[int] = []
@@ -291,46 +294,50 @@ class LeaseManager:
             q.popleft().on_lease_failed(msg.get("error") or {})
             self._top_up(key)
 
-    def reclaim(self, count: int, key: Key | None = None) -> None:
-        """The pooler has waiters it cannot serve.
+    def reclaim(self, debts: dict[Key, int]) -> None:
+        """The pooler has waiters it cannot serve, or had and has no more.
 
-        Without ``key``: give back the idle links of pools we have no lease request
-        out for (another worker may wait for one). With ``key``: we hold ``count`` links of that pool beyond our fair share
-        (another user, or this user on another worker, is short): give back its idle
-        ones now and the rest as sessions finish with them, instead of handing them to
-        our own sessions waiting for that pool.
+        ``debts``: for each pool in which we hold more links than our fair share
+        (another user, or this user on another worker, is short), how many. We give
+        back its idle links now and the rest as sessions finish with them, instead of
+        handing them to our own sessions waiting for that pool. This replaces what we
+        owed before: the pooler says what is owed as of now, and an empty ``debts``
+        once nobody waits, so a debt paid elsewhere is not paid twice. We also give
+        back the idle links of pools we have no lease request out for (another worker
+        may wait for one).
         """
-        if key is None:
-            # Not the links of a pool we still ask more of: under steady load a link
-            # sits idle for a moment between two of our transactions, and handing it
-            # over then would only pass backends back and forth between workers.
-            for k, links in self.idle.items():
-                if not self.requests_of.get(k):
-                    while links:
-                        self.release(links.pop(), "clean")
-        else:
+        owed: dict[Key, int] = {}
+        for key, count in debts.items():
             links = self.idle.get(key) or []
-            while links:
+            while links and count > 0:
                 self.release(links.pop(), "clean")
                 count -= 1
-        if count > 0:
-            self.debt[key] = count
-        else:
-            self.debt.pop(key, None)
+            if count > 0:
+                owed[key] = count
+        self.debt = owed
+        # Not the links of a pool we still ask more of, nor links idle only for a moment:
+        # under steady load a link sits idle between two of our transactions, and
+        # handing it over then would only pass backends back and forth between workers.
+        # The idle list is used last-in first-out, so links we do not need age at its
+        # bottom.
+        spare_before = time.monotonic() - SPARE_AFTER
+        for k, links in self.idle.items():
+            if not self.requests_of.get(k):
+                while links and links[0].idle_since < spare_before:
+                    self.release(links.pop(0), "clean")
 
     def _pay_debt(self, key: Key) -> bool:
         """True if a link of ``key`` coming free is owed to the pooler (and count it)."""
         if not self.debt:  # the usual case, on every transaction's release
             return False
-        for k in (key, None):
-            n = self.debt.get(k, 0)
-            if n > 0:
-                if n > 1:
-                    self.debt[k] = n - 1
-                else:
-                    del self.debt[k]
-                return True
-        return False
+        n = self.debt.get(key, 0)
+        if n <= 0:
+            return False
+        if n > 1:
+            self.debt[key] = n - 1
+        else:
+            del self.debt[key]
+        return True
 
     def retire(self, key: Key) -> None:
         """The pool's role/database defaults changed: stop reusing its backends here;

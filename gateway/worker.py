@@ -118,9 +118,7 @@ class PoolerClient:
         elif op == "listening":
             self.worker.listeners.on_listening(msg)
         elif op == "reclaim":
-            key = msg.get("key")
-            pool = (str(key[0]), str(key[1])) if key else None
-            leases.reclaim(int(msg.get("count", 1)), pool)
+            leases.reclaim({(str(db), str(user)): int(n) for db, user, n in msg["debts"]})
         else:
             fut = self._calls.get(msg.get("req"))
             if fut is not None and not fut.done():

@@ -101,9 +101,10 @@ class Demand:
             self.oldest = other.oldest
 
 
-# What the pooler asks of holders under pressure: (owner, key) -> backends to give back
-# as they come free; key None -> give back the idle ones you keep (count 0).
-Reclaims = dict[tuple[object, "Key | None"], int]
+# What the pooler asks of holders: owner -> {pool: backends to give back as they come
+# free}, the owner's whole debt as of now (empty: none); every holder asked also gives
+# back the idle backends of pools it is not asking more of.
+Reclaims = dict[object, dict["Key", int]]
 
 
 class PoolManager:
@@ -130,6 +131,8 @@ class PoolManager:
         self._ids = itertools.count(1)
         # When each holder was last asked to give backends back.
         self._asked: dict[object, float] = {}
+        # Holders last told they owe backends: told again, with nothing, once nobody waits.
+        self._indebted: set[object] = set()
         self._pressure_timer: asyncio.TimerHandle | None = None
         self.opened_total = 0
         self.closed_total = 0
@@ -283,6 +286,7 @@ class PoolManager:
     def owner_gone(self, owner: object) -> None:
         """A worker died or disconnected: its leases are in an unknown state, so close them."""
         self._asked.pop(owner, None)
+        self._indebted.discard(owner)
         for b in [b for b in self.backends.values() if b.owner is owner]:
             self._close(b)
         waiting = [r for q in (self.urgent, *self.queues.values()) for r in q]
@@ -311,6 +315,11 @@ class PoolManager:
             starved = self._serve_users()
         if starved:
             self._pressure()
+        elif self._indebted:
+            # Nobody waits any more: what holders still owe would only take backends
+            # from their own sessions.
+            self.on_pressure({o: {} for o in self._indebted})
+            self._indebted.clear()
 
     def _serve_users(self) -> bool:
         """Serve users' requests in fairness order; True if some are left waiting."""
@@ -328,7 +337,7 @@ class PoolManager:
                 user = next(iter(arrival))
             else:
                 user = pick_user(held, self._user_shares(held, internal), arrival)
-            req = self.queues[user][0]
+            req = self._next_request(self.queues[user])
             at_limit = conns.get(user, 0) >= self.limit(user)
             if req.cancelled:
                 self._drop_waiter(req)
@@ -341,6 +350,29 @@ class PoolManager:
                 continue
             return True  # no backend and no room for the most under-served: nobody else fits
         return False
+
+    def _next_request(self, q: deque[LeaseRequest]) -> LeaseRequest:
+        """Which of a user's waiting requests comes next: the one whose holder has the
+        fewest backends of its pool, oldest first among equals (a cancelled one at the
+        head first, to be dropped). Between the user's workers this is max-min fairness
+        at every grant: a backend given back by a worker above its share goes to the
+        one below it, not back to the giver's own older request."""
+        head = q[0]
+        if len(q) == 1 or head.cancelled:
+            return head
+        held: dict[tuple[object, Key], int] = {}
+        for b in self.backends.values():
+            if b.state == "leased" and b.owner is not None:
+                k = (b.owner, b.key)
+                held[k] = held.get(k, 0) + 1
+        best, fewest = head, held.get((head.owner, head.key), 0)
+        for r in q:
+            if fewest == 0:
+                break
+            n = held.get((r.owner, r.key), 0)
+            if n < fewest and not r.cancelled:
+                best, fewest = r, n
+        return best
 
     def _serve(self, req: LeaseRequest, at_limit: bool) -> bool:
         """Take waiting ``req`` out of its queue and grant it an idle backend of its pool
@@ -376,13 +408,16 @@ class PoolManager:
         holders = {b.owner for b in self.backends.values() if b.state == "leased" and not b.internal}
         askable = [o for o in holders if now - self._asked.get(o, 0.0) >= PRESSURE_INTERVAL]
         if askable:
-            asks: Reclaims = {}
+            asks: Reclaims = {o: {} for o in askable}
             for (o, key), n in self.excess().items():
-                if o in askable:
-                    asks[(o, key)] = n
-            for o in askable:
+                if o in asks:
+                    asks[o][key] = n
+            for o, debts in asks.items():
                 self._asked[o] = now
-                asks[(o, None)] = 0
+                if debts:
+                    self._indebted.add(o)
+                else:
+                    self._indebted.discard(o)
             self.on_pressure(asks)
         if self._pressure_timer is None:
             self._pressure_timer = self.loop.call_later(PRESSURE_INTERVAL, self._pressure_again)

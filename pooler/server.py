@@ -185,18 +185,14 @@ class Pooler:
     def reclaim(self, asks: dict) -> None:
         """Someone waits: holders give back the backends they keep idle, and those above
         their fair share give back that many more of the named pool as they come free.
-
-        ``asks`` maps (owner, key) to a count, key None meaning "your idle ones"; the
-        keyed asks of an owner come before its unkeyed one, so that its idle backends
-        of that pool count towards the count.
-        """
-        for (owner, key), count in asks.items():
+        ``asks`` maps each owner asked to its whole debt now, per pool (see Reclaims): a
+        worker replaces what it owed by it, so a debt never outlives the shortage."""
+        for owner, debts in asks.items():
             if not isinstance(owner, WorkerLink) or owner.channel.closed:
                 continue
-            msg: dict = {"op": "reclaim", "count": count}
-            if key is not None:
-                msg["key"] = list(key)
-            owner.channel.send(msg)
+            owner.channel.send(
+                {"op": "reclaim", "debts": [[db, user, n] for (db, user), n in debts.items()]}
+            )
 
     @staticmethod
     def notify(link: WorkerLink, database: str, channel: bytes, payload: bytes, pid: int) -> None:

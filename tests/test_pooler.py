@@ -24,13 +24,13 @@ from supervisor.config import Config
 class FakeWorker:
     """A blocking IPC client speaking the worker protocol to the pooler."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, index: int = 99) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(15)
         self.sock.connect(path)
         self.decoder = Decoder()
         self.req = 0
-        self.send({"op": "hello", "worker": 99})
+        self.send({"op": "hello", "worker": index})
 
     def send(self, msg: dict) -> None:
         self.sock.sendall(encode(msg))
@@ -201,3 +201,40 @@ def test_a_replacement_backend_never_overlaps_the_one_it_replaces(make_server):
             w.send({"op": "release", "id": m["id"], "state": "clean"})
             s.close()
         w.close()
+
+
+def test_a_backend_given_back_goes_to_the_worker_short_of_its_share(make_server):
+    """Two workers of one user on a pool of 2: A holds both and waits for a third, B
+    waits for one. A is asked for its one backend above its fair share; the backend it
+    gives back goes to B, not to A's own older request; then A's debt is replaced by
+    what it owes now, nothing, rather than left to take more from A's sessions."""
+    srv = make_server("--workers", "1", "--pool-size", "2")
+    path = str(srv.home / "ipc" / "pooler.sock")
+    a, b = FakeWorker(path, 90), FakeWorker(path, 91)
+    held: list[tuple[dict, socket.socket]] = []
+    try:
+        held = [a.lease(), a.lease()]
+        a.req += 1
+        a.send({"op": "lease", "reqs": [a.req], "db": "postgres", "user": "postgres"})
+        time.sleep(0.1)  # A's request is the older one
+        b.req += 1
+        b.send({"op": "lease", "reqs": [b.req], "db": "postgres", "user": "postgres"})
+        ask, _ = a.recv("reclaim")
+        while ask["debts"] == []:  # (asked before B's request arrived)
+            ask, _ = a.recv("reclaim")
+        assert ask["debts"] == [["postgres", "postgres", 1]]
+        given, given_sock = held.pop()
+        given_sock.close()
+        a.send({"op": "release", "id": given["id"], "state": "clean"})
+        got, fds = b.recv("leased")
+        assert got["req"] == b.req and got["id"] == given["id"]
+        b_sock = socket.socket(fileno=fds[0])
+        held.append((got, b_sock))
+        assert query(b_sock, "select 2") == [[b"2"]]
+        after, _ = a.recv("reclaim")
+        assert after["debts"] == []
+    finally:
+        for _, s in held:
+            s.close()
+        a.close()
+        b.close()
