@@ -294,7 +294,7 @@ class LeaseManager:
             q.popleft().on_lease_failed(msg.get("error") or {})
             self._top_up(key)
 
-    def reclaim(self, debts: dict[Key, int]) -> None:
+    def reclaim(self, debts: dict[Key, int], spare: bool = True) -> None:
         """The pooler has waiters it cannot serve, or had and has no more.
 
         ``debts``: for each pool in which we hold more links than our fair share
@@ -302,9 +302,9 @@ class LeaseManager:
         back its idle links now and the rest as sessions finish with them, instead of
         handing them to our own sessions waiting for that pool. This replaces what we
         owed before: the pooler says what is owed as of now, and an empty ``debts``
-        once nobody waits, so a debt paid elsewhere is not paid twice. We also give
-        back the idle links of pools we have no lease request out for (another worker
-        may wait for one).
+        once nobody waits, so a debt paid elsewhere is not paid twice. Unless told
+        nobody waits (``spare`` False), we also give back the spare idle links of pools
+        we have no lease request out for (another worker may wait for one).
         """
         owed: dict[Key, int] = {}
         for key, count in debts.items():
@@ -315,6 +315,8 @@ class LeaseManager:
             if count > 0:
                 owed[key] = count
         self.debt = owed
+        if not spare:
+            return
         # Not the links of a pool we still ask more of, nor links idle only for a moment:
         # under steady load a link sits idle between two of our transactions, and
         # handing it over then would only pass backends back and forth between workers.

@@ -103,8 +103,8 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         "waiting", "wait_since", "pending", "pins", "pin_check", "pin_epoch", "stmts",
         "unnamed_parse", "sql_stmts", "sql_deps", "unnamed_dep", "stmt_pins", "stmt_effects",
         "unnamed_effects", "pending_resets", "pending_drop", "unnamed_pin", "setting_stmts",
-        "unnamed_sets", "unnamed_token", "skip_until_sync", "unsynced", "slot", "paused_backend", "listen", "stmt_listen", "unnamed_listen",
-        "portal_listen", "held", "ssl_done", "gss_done", "tls_in_use", "handshaking",
+        "unnamed_sets", "unnamed_token", "skip_until_sync", "unsynced", "slot", "paused_backend",
+        "listen", "stmt_listen", "unnamed_listen", "portal_listen", "held", "ssl_done", "gss_done", "tls_in_use", "handshaking",
         "tls_task", "corked", "stmt_prepares", "unnamed_prepare", "portal_prepare",
     )
 

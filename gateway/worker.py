@@ -118,7 +118,8 @@ class PoolerClient:
         elif op == "listening":
             self.worker.listeners.on_listening(msg)
         elif op == "reclaim":
-            leases.reclaim({(str(db), str(user)): int(n) for db, user, n in msg["debts"]})
+            debts = {(str(db), str(user)): int(n) for db, user, n in msg["debts"]}
+            leases.reclaim(debts, spare=bool(msg.get("spare", True)))
         else:
             fut = self._calls.get(msg.get("req"))
             if fut is not None and not fut.done():

@@ -103,7 +103,8 @@ class Demand:
 
 # What the pooler asks of holders: owner -> {pool: backends to give back as they come
 # free}, the owner's whole debt as of now (empty: none); every holder asked also gives
-# back the idle backends of pools it is not asking more of.
+# back its spare idle backends of pools it is not asking more of. Once nobody waits,
+# on_relief tells the holders that owed something that they owe nothing.
 Reclaims = dict[object, dict["Key", int]]
 
 
@@ -114,6 +115,7 @@ class PoolManager:
         socket_path: str,
         cap: int,
         on_pressure: Callable[[Reclaims], None] = lambda asks: None,
+        on_relief: Callable[[list[object]], None] = lambda owners: None,
         user_limits: Mapping[str, int] | None = None,
         catalog: StatementCatalog | None = None,
     ) -> None:
@@ -121,6 +123,7 @@ class PoolManager:
         self.socket_path = socket_path
         self.cap = cap
         self.on_pressure = on_pressure
+        self.on_relief = on_relief
         self.user_limits: dict[str, int] = dict(user_limits or {})
         self.backends: dict[int, PooledBackend] = {}
         # Requests whose backend is being opened right now.
@@ -318,7 +321,7 @@ class PoolManager:
         elif self._indebted:
             # Nobody waits any more: what holders still owe would only take backends
             # from their own sessions.
-            self.on_pressure({o: {} for o in self._indebted})
+            self.on_relief(list(self._indebted))
             self._indebted.clear()
 
     def _serve_users(self) -> bool:

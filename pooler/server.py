@@ -167,6 +167,7 @@ class Pooler:
             str(cfg.pg_socket_path),
             cfg.pool_size,
             on_pressure=self.reclaim,
+            on_relief=self.relieve,
             user_limits=cfg.user_limits,
             catalog=StatementCatalog.attach(cfg.statement_catalog_name),
         )
@@ -193,6 +194,12 @@ class Pooler:
             owner.channel.send(
                 {"op": "reclaim", "debts": [[db, user, n] for (db, user), n in debts.items()]}
             )
+
+    def relieve(self, owners: list) -> None:
+        """Nobody waits any more: holders owe nothing (and keep their idle backends)."""
+        for owner in owners:
+            if isinstance(owner, WorkerLink) and not owner.channel.closed:
+                owner.channel.send({"op": "reclaim", "debts": [], "spare": False})
 
     @staticmethod
     def notify(link: WorkerLink, database: str, channel: bytes, payload: bytes, pid: int) -> None:

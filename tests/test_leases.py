@@ -110,7 +110,14 @@ def test_what_is_owed_is_replaced_not_added_to(leases):
     assert leases.debt == {KEY: 3}
     leases.reclaim({KEY: 1})
     assert leases.debt == {KEY: 1}
-    leases.reclaim({})  # nobody waits any more
+    leases.reclaim({}, spare=False)  # nobody waits any more
     assert leases.debt == {}
     idle_link(leases, 1)
     assert leases.worker.pooler.released() == []
+
+
+def test_told_nobody_waits_a_worker_keeps_its_idle_links(leases):
+    idle_link(leases, 1, idle_for=10 * SPARE_AFTER)
+    leases.reclaim({}, spare=False)
+    assert leases.worker.pooler.released() == []
+    assert [lk.id for lk in leases.idle[KEY]] == [1]
