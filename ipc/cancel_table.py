@@ -240,6 +240,15 @@ class CancelTable:
         return _HEADER_SIZE + slot * _SLOT_SIZE
 
     def _write(self, slot: int, client_secret: int, backend_pid: int, backend_secret: int) -> None:
+        self.serve(slot, backend_pid, backend_secret, client_secret)
+
+    def serve(
+        self, slot: int, backend_pid: int, backend_secret: int, client_secret: int | None = None
+    ) -> None:
+        """set_backend for the owning worker's hot path (each backend a client gets, and
+        its release): the caller passes values it knows to be valid, so there are no
+        checks, and the client's secret, set by claim, is left as it is (unless given:
+        claim and release write all of the slot)."""
         i = (_HEADER_SIZE + slot * _SLOT_SIZE) >> 2
         words = self._words
         seq = words[i]
@@ -247,20 +256,8 @@ class CancelTable:
         # odd already; bump past it either way.
         odd = (seq + 1 if seq % 2 == 0 else seq + 2) & _U32
         words[i] = odd
-        words[i + 1] = client_secret
-        words[i + 2] = backend_pid
-        words[i + 3] = backend_secret
-        words[i] = (odd + 1) & _U32
-
-    def serve(self, slot: int, backend_pid: int, backend_secret: int) -> None:
-        """set_backend for the owning worker's hot path (each backend a client gets, and
-        its release): the caller passes values it knows to be valid, so there are no
-        checks, and the client's secret, set by claim, is left as it is."""
-        i = (_HEADER_SIZE + slot * _SLOT_SIZE) >> 2
-        words = self._words
-        seq = words[i]
-        odd = (seq + 1 if seq % 2 == 0 else seq + 2) & _U32
-        words[i] = odd
+        if client_secret is not None:
+            words[i + 1] = client_secret
         words[i + 2] = backend_pid
         words[i + 3] = backend_secret
         words[i] = (odd + 1) & _U32
