@@ -363,10 +363,15 @@ class PoolManager:
         head = q[0]
         if len(q) == 1 or head.cancelled:
             return head
+        # As excess() counts: leased backends, and those being opened for a holder.
         held: dict[tuple[object, Key], int] = {}
         for b in self.backends.values():
             if b.state == "leased" and b.owner is not None:
                 k = (b.owner, b.key)
+                held[k] = held.get(k, 0) + 1
+        for r in self.opening_reqs:
+            if not r.urgent and not r.cancelled:
+                k = (r.owner, r.key)
                 held[k] = held.get(k, 0) + 1
         best, fewest = head, held.get((head.owner, head.key), 0)
         for r in q:

@@ -14,6 +14,7 @@ on plain data.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import random
 import subprocess
@@ -24,7 +25,17 @@ import psycopg
 import pytest
 from psycopg import errors as pg_errors
 
-from pooler.pool import STARVE_AFTER, Demand, fair_excess, pick_user, tie_order, water_fill
+from pooler.pool import (
+    STARVE_AFTER,
+    Demand,
+    LeaseRequest,
+    PooledBackend,
+    PoolManager,
+    fair_excess,
+    pick_user,
+    tie_order,
+    water_fill,
+)
 
 from .conftest import PGFLEET
 from .test_pooler import FakeWorker
@@ -370,3 +381,32 @@ def test_cli_takes_user_limits_and_refuses_bad_ones():
                               "--user-limit", bad], capture_output=True, text=True, timeout=30)
         assert out.returncode == 2, (bad, out.stdout, out.stderr)
         assert "--user-limit" in out.stderr, (bad, out.stderr)
+
+
+def test_a_freed_backend_goes_to_the_worker_holding_fewest():
+    """Within one user, the next request served is that of the worker holding the
+    fewest backends of its pool, counting those being opened for it, oldest first
+    among equals; a cancelled request at the head goes first, to be dropped."""
+    loop = asyncio.new_event_loop()
+    try:
+        pool = PoolManager(loop, "/nonexistent", cap=6)
+        key = ("db", "u")
+        w1, w2, w3 = object(), object(), object()
+        for i, owner in enumerate((w1, w1, w2)):
+            pool.backends[i] = PooledBackend(i, key, conn=None, state="leased", owner=owner)
+
+        def req(owner):
+            return LeaseRequest(key, grant=lambda b: None, fail=lambda e: None, owner=owner)
+
+        old_w1, new_w2 = req(w1), req(w2)
+        q = collections.deque([old_w1, new_w2])
+        assert pool._next_request(q) is new_w2  # w2 holds 1, w1 holds 2
+        pool.opening_reqs.add(req(w2))  # one more on its way to w2: a tie, oldest first
+        assert pool._next_request(q) is old_w1
+        newest_w3 = req(w3)  # holds nothing at all
+        q.append(newest_w3)
+        assert pool._next_request(q) is newest_w3
+        old_w1.cancelled = True
+        assert pool._next_request(q) is old_w1
+    finally:
+        loop.close()
