@@ -7,7 +7,8 @@
    TPC-B, ``-M simple/extended/prepared``, plus ``-C`` churn: direct, PgBouncer, pgfleet.
 2. Scale: ``pgfleet firehose`` against pgfleet and against PgBouncer (transaction mode,
    same pool size) in front of the same Postgres: 20,000 connections with 2,000/s churn
-   and 5,000 qps, then 18,000 with 2,000/s churn and 10,000 qps.
+   and 5,000 qps, then 18,000 with 2,000/s churn and 10,000 qps, then 2,000 held
+   connections at 5,000 qps (latency below saturation).
 3. Memory: 10,000 idle clients held on each, before the scale runs; summed PSS of
    the pooler's processes, minus the same sum just before they connected, per client.
 
@@ -150,6 +151,9 @@ SCALE = [
     # (connections, churn per second, qps, seconds)
     (20000, 2000, 5000, 75),
     (18000, 2000, 10000, 75),
+    # Latency where the machine is not saturated: what a client waits for when the
+    # pooler is the only cause (the runs above measure capacity and congestion).
+    (2000, 0, 5000, 30),
 ]
 QUICK_SCALE = [(2000, 200, 500, 15)]
 
