@@ -363,10 +363,11 @@ class PoolManager:
         head = q[0]
         if len(q) == 1 or head.cancelled:
             return head
-        # As excess() counts: leased backends, and those being opened for a holder.
+        # As excess() counts: backends leased to users (not pgfleet's own, urgent ones),
+        # and those being opened for a holder.
         held: dict[tuple[object, Key], int] = {}
         for b in self.backends.values():
-            if b.state == "leased" and b.owner is not None:
+            if b.state == "leased" and not b.internal:
                 k = (b.owner, b.key)
                 held[k] = held.get(k, 0) + 1
         for r in self.opening_reqs:
