@@ -162,7 +162,7 @@ class CancelTable:
         secret = _u32(secret, "secret")
         if secret == 0:
             raise ValueError("client secret must be non-zero")
-        self._write(slot, secret, 0, 0)
+        self.serve(slot, 0, 0, secret)
         return CLIENT_PID_BASE + slot
 
     def set_backend(self, slot: int, backend_pid: int, backend_secret: int) -> None:
@@ -175,14 +175,14 @@ class CancelTable:
     def release(self, slot: int) -> None:
         """Free the slot."""
         self._check_slot(slot)
-        self._write(slot, 0, 0, 0)
+        self.serve(slot, 0, 0, 0)
 
     def reset_range(self, r: range) -> None:
         """Free every slot in ``r`` (a restarted worker clearing its partition)."""
         for slot in r:
             self._check_slot(slot)
         for slot in r:
-            self._write(slot, 0, 0, 0)
+            self.serve(slot, 0, 0, 0)
 
     def lookup(self, client_pid: int, secret: int) -> tuple[int, int] | None:
         """``(backend_pid, backend_secret)`` for a CancelRequest, or None.
@@ -190,6 +190,19 @@ class CancelTable:
         None if the pid is not one of ours, the secret does not match, the
         client has no backend right now, or the slot kept changing under us.
         """
+        fields = self._keyed(client_pid, secret)
+        if fields is None or fields[1] == 0:
+            return None
+        return fields[1], fields[2]
+
+    def holds(self, client_pid: int, secret: int) -> bool:
+        """Whether ``client_pid``'s slot is in use with ``secret`` (a CancelRequest's key
+        is a real client's, whether or not a backend serves it now)."""
+        return self._keyed(client_pid, secret) is not None
+
+    def _keyed(self, client_pid: int, secret: int) -> tuple[int, int, int] | None:
+        """The slot's fields if ``(client_pid, secret)`` is the key of a client in it
+        (any spelling of the 32-bit secret; 0 never matches), else None."""
         slot = client_pid - CLIENT_PID_BASE
         if not 0 <= slot < self.slots or not -0x80000000 <= secret <= _U32:
             return None
@@ -197,22 +210,9 @@ class CancelTable:
         if secret == 0:
             return None
         fields = self._read(slot)
-        if fields is None:
+        if fields is None or fields[0] != secret:
             return None
-        client_secret, backend_pid, backend_secret = fields
-        if client_secret != secret or backend_pid == 0:
-            return None
-        return backend_pid, backend_secret
-
-    def holds(self, client_pid: int, secret: int) -> bool:
-        """Whether ``client_pid``'s slot is in use with ``secret`` (a CancelRequest's key
-        is a real client's, whether or not a backend serves it now)."""
-        slot = client_pid - CLIENT_PID_BASE
-        if not 0 <= slot < self.slots or not -0x80000000 <= secret <= _U32:
-            return False
-        secret &= _U32
-        fields = self._read(slot)
-        return secret != 0 and fields is not None and fields[0] == secret
+        return fields
 
     def find_client_by_backend(self, backend_pid: int) -> int | None:
         """Client pid of the in-use slot currently served by ``backend_pid`` (linear scan)."""
@@ -238,9 +238,6 @@ class CancelTable:
     @staticmethod
     def _offset(slot: int) -> int:
         return _HEADER_SIZE + slot * _SLOT_SIZE
-
-    def _write(self, slot: int, client_secret: int, backend_pid: int, backend_secret: int) -> None:
-        self.serve(slot, backend_pid, backend_secret, client_secret)
 
     def serve(
         self, slot: int, backend_pid: int, backend_secret: int, client_secret: int | None = None

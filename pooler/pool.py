@@ -363,17 +363,7 @@ class PoolManager:
         head = q[0]
         if len(q) == 1 or head.cancelled:
             return head
-        # As excess() counts: backends leased to users (not pgfleet's own, urgent ones),
-        # and those being opened for a holder.
-        held: dict[tuple[object, Key], int] = {}
-        for b in self.backends.values():
-            if b.state == "leased" and not b.internal:
-                k = (b.owner, b.key)
-                held[k] = held.get(k, 0) + 1
-        for r in self.opening_reqs:
-            if not r.urgent and not r.cancelled:
-                k = (r.owner, r.key)
-                held[k] = held.get(k, 0) + 1
+        held = self._holdings()
         best, fewest = head, held.get((head.owner, head.key), 0)
         for r in q:
             if fewest == 0:
@@ -435,15 +425,23 @@ class PoolManager:
         self._pressure_timer = None
         self._pump()
 
-    def excess(self) -> dict[tuple[object, Key], int]:
-        """For each (holder, pool), how many backends it holds beyond its fair share."""
-        rows: dict[tuple[object, Key], Demand] = {}
+    def _holdings(self) -> dict[tuple[object, Key], int]:
+        """Backends per (holder, pool): leased to users (not pgfleet's own, urgent ones)
+        or being opened for them. What fair shares and grant order both count."""
+        held: dict[tuple[object, Key], int] = {}
         for b in self.backends.values():
             if b.state == "leased" and not b.internal:
-                rows.setdefault((b.owner, b.key), Demand()).held += 1
+                row = (b.owner, b.key)
+                held[row] = held.get(row, 0) + 1
         for r in self.opening_reqs:
             if not r.urgent and not r.cancelled:
-                rows.setdefault((r.owner, r.key), Demand()).held += 1
+                row = (r.owner, r.key)
+                held[row] = held.get(row, 0) + 1
+        return held
+
+    def excess(self) -> dict[tuple[object, Key], int]:
+        """For each (holder, pool), how many backends it holds beyond its fair share."""
+        rows = {row: Demand(held=n) for row, n in self._holdings().items()}
         for q in self.queues.values():
             for r in q:
                 d = rows.setdefault((r.owner, r.key), Demand())
