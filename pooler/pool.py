@@ -15,10 +15,9 @@ current state whenever it matters:
   A user below its share that cannot be served makes users above theirs give
   backends back: idle ones here are closed to make room, leased ones are asked
   back from the gateway workers holding them, naming the (database, user) pool.
-* within a user, between **(worker, database)** holders: the user's share is split
-  in proportion to the sessions each holder has wanting a backend (held + waiting),
-  so that every session of the user is served alike whichever worker accepted it,
-  as if they stood in one queue (max-min between the user's sessions).
+* within a user, between **(worker, database)** holders: the user's share is
+  water-filled again over what each worker holds and waits for there, so one
+  worker's sessions cannot starve another's.
 
 pgfleet's own catalog lookups (``urgent`` requests) are served first and stand
 outside the users' shares.
@@ -356,21 +355,23 @@ class PoolManager:
         return False
 
     def _next_request(self, q: deque[LeaseRequest]) -> LeaseRequest:
-        """Which of a user's waiting requests comes next: the one whose holder is
-        furthest below its fair share of the pool, oldest first among equals (a
-        cancelled one at the head first, to be dropped). A backend given back by a
-        holder above its share goes to one below it, not back to the giver's own
-        older request, and the grant never makes the receiver owe it back."""
+        """Which of a user's waiting requests comes next: the one whose holder has the
+        fewest backends of its pool, oldest first among equals (a cancelled one at the
+        head first, to be dropped). Between the user's workers this is max-min fairness
+        at every grant: a backend given back by a worker above its share goes to the
+        one below it, not back to the giver's own older request."""
         head = q[0]
         if len(q) == 1 or head.cancelled:
             return head
-        rows, shares = self._row_shares()
-
-        def above_share(r: LeaseRequest) -> tuple[bool, int]:
-            row = (r.owner, r.key)
-            return (r.cancelled, rows[row].held - shares.get(row, 0))
-
-        return min(q, key=above_share)  # min keeps the first, oldest, of equals
+        held = self._holdings()
+        best, fewest = head, held.get((head.owner, head.key), 0)
+        for r in q:
+            if fewest == 0:
+                break
+            n = held.get((r.owner, r.key), 0)
+            if n < fewest and not r.cancelled:
+                best, fewest = r, n
+        return best
 
     def _serve(self, req: LeaseRequest, at_limit: bool) -> bool:
         """Take waiting ``req`` out of its queue and grant it an idle backend of its pool
@@ -438,8 +439,8 @@ class PoolManager:
                 held[row] = held.get(row, 0) + 1
         return held
 
-    def _row_shares(self) -> tuple[dict[tuple[object, Key], Demand], dict[tuple[object, Key], int]]:
-        """What each (holder, pool) holds and waits for, and its fair share."""
+    def excess(self) -> dict[tuple[object, Key], int]:
+        """For each (holder, pool), how many backends it holds beyond its fair share."""
         rows = {row: Demand(held=n) for row, n in self._holdings().items()}
         for q in self.queues.values():
             for r in q:
@@ -448,12 +449,9 @@ class PoolManager:
                 if d.oldest is None:
                     d.oldest = r.since
         _, _, internal = self._usage()
-        capacity = self._user_capacity(internal)
-        return rows, row_shares(capacity, rows, time.monotonic(), self.user_limits)
-
-    def excess(self) -> dict[tuple[object, Key], int]:
-        """For each (holder, pool), how many backends it holds beyond its fair share."""
-        return over_share(*self._row_shares())
+        return fair_excess(
+            self._user_capacity(internal), rows, time.monotonic(), self.user_limits
+        )
 
     def _idle_for(self, key: Key) -> PooledBackend | None:
         best = None
@@ -688,72 +686,31 @@ def fair_shares(
     return water_fill(capacity, ordered, limits)
 
 
-def split_share(share: int, rows: Mapping[K, Demand], now: float) -> dict[K, int]:
-    """One user's ``share`` split over its holders in proportion to the sessions each
-    has wanting a backend (held + waiting): each session gets the same part of a
-    backend whichever worker it is on, as in one queue. When the share covers every
-    session, each holder gets what it wants.
-
-    Whole backends left by rounding down go, among the holders with a fraction, first
-    to one holding none that has waited past STARVE_AFTER (oldest first), then to
-    those holding more than their rounded-down part, so that jitter in demand does
-    not move a backend at every turn, then to the larger fraction.
-    """
-    want = {k: d.held + d.waiting for k, d in rows.items()}
-    total = sum(want.values())
-    if total <= share:
-        return want
-    out: dict[K, int] = {}
-    frac: dict[K, int] = {}
-    for k, w in want.items():
-        out[k], frac[k] = divmod(share * w, total)
-    left = share - sum(out.values())
-
-    def rank(k: K) -> tuple[int, float]:
-        d = rows[k]
-        if d.held == 0 and d.oldest is not None and now - d.oldest > STARVE_AFTER:
-            return (0, d.oldest - now)
-        return (1 if d.held > out[k] else 2, -frac[k])
-
-    for k in sorted((k for k in frac if frac[k]), key=rank)[:left]:
-        out[k] += 1
-    return out
-
-
-def row_shares(
-    capacity: int,
-    rows: Mapping[tuple[object, Key], Demand],
-    now: float,
-    limits: Mapping[str, int] | None = None,
-) -> dict[tuple[object, Key], int]:
-    """The fair share of each (holder, pool): ``capacity`` water-filled over users (the
-    user of a pool is its key's second part; a user's rows add up, and its demand is
-    capped by its limit), then each user's share split over its rows (``split_share``)."""
-    by_user: dict[str, dict[tuple[object, Key], Demand]] = {}
-    users: dict[str, Demand] = {}
-    for row, d in rows.items():
-        user = row[1][1]
-        by_user.setdefault(user, {})[row] = d
-        users.setdefault(user, Demand()).add(d)
-    shares: dict[tuple[object, Key], int] = {}
-    for user, share in fair_shares(capacity, users, now, limits).items():
-        shares.update(split_share(share, by_user[user], now))
-    return shares
-
-
 def fair_excess(
     capacity: int,
     rows: Mapping[tuple[object, Key], Demand],
     now: float,
     limits: Mapping[str, int] | None = None,
 ) -> dict[tuple[object, Key], int]:
-    """How many backends each (holder, pool) holds beyond its fair share (``row_shares``)."""
-    return over_share(rows, row_shares(capacity, rows, now, limits))
+    """How many backends each (holder, pool) holds beyond its fair share.
 
-
-def over_share(rows: Mapping[K, Demand], shares: Mapping[K, int]) -> dict[K, int]:
-    """The rows holding more than their share, and by how many."""
-    return {row: d.held - shares[row] for row, d in rows.items() if d.held > shares[row]}
+    ``capacity`` is first water-filled over users (the user of a pool is its key's
+    second part; a user's rows add up, and its demand is capped by its limit), then
+    each user's share over that user's rows. Only rows above their share appear.
+    """
+    by_user: dict[str, dict[tuple[object, Key], Demand]] = {}
+    users: dict[str, Demand] = {}
+    for row, d in rows.items():
+        user = row[1][1]
+        by_user.setdefault(user, {})[row] = d
+        users.setdefault(user, Demand()).add(d)
+    excess: dict[tuple[object, Key], int] = {}
+    for user, share in fair_shares(capacity, users, now, limits).items():
+        mine = by_user[user]
+        for row, s in fair_shares(share, mine, now).items():
+            if mine[row].held > s:
+                excess[row] = mine[row].held - s
+    return excess
 
 
 def pick_user(

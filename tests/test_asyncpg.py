@@ -417,11 +417,7 @@ def test_200_concurrent_clients_never_exceed_pool_size(server):
 
 # ----------------------------------------------------------------- explicit prepared statements
 
-def test_prepared_statement_follows_the_session_across_backends(make_server):
-    # One worker, so the churners' sessions and this one share its five backends in one
-    # queue: with two, the churners may all be on the other worker, which then holds
-    # four of the backends and leaves this session's worker one to itself.
-    server = make_server("--workers", "1", "--pool-size", "5", "--query-wait-timeout", "30")
+def test_prepared_statement_follows_the_session_across_backends(server):
     sql = "select $1::int + 1 /* apg-prep */"
     name = table_name("apg_prep")
 

@@ -33,7 +33,6 @@ from pooler.pool import (
     PoolManager,
     fair_excess,
     pick_user,
-    split_share,
     tie_order,
     water_fill,
 )
@@ -330,13 +329,12 @@ def test_excess_names_the_over_share_users_pools():
     rows = {("w1", a): Demand(held=10, waiting=45, oldest=0.0),
             ("w2", b): Demand(held=0, waiting=5, oldest=0.0)}
     assert fair_excess(10, rows, now=0.1) == {("w1", a): 5}
-    # A spread over two workers: its share of 5 is split between them by the sessions
-    # each has wanting (46 and 44: 2.45 and 2.34, the backend left over by rounding
-    # to the larger fraction), each gives back what it holds beyond that.
+    # A spread over two workers: its share of 5 is split max-min between them (2 for
+    # the bigger asker, 3 for the smaller), each gives back what it holds beyond that.
     rows = {("w1", a): Demand(held=6, waiting=40, oldest=0.0),
             ("w2", a): Demand(held=4, waiting=40, oldest=0.0),
             ("w2", b): Demand(held=0, waiting=5, oldest=0.0)}
-    assert fair_excess(10, rows, now=0.1) == {("w1", a): 3, ("w2", a): 2}
+    assert fair_excess(10, rows, now=0.1) == {("w1", a): 4, ("w2", a): 1}
     # B already has its share: nothing to give back.
     rows = {("w1", a): Demand(held=5, waiting=45, oldest=0.0),
             ("w2", b): Demand(held=5, waiting=0)}
@@ -345,59 +343,13 @@ def test_excess_names_the_over_share_users_pools():
 
 def test_excess_between_workers_of_one_user():
     a = ("postgres", "a")
-    # Ten sessions busy on worker 1, five waiting on worker 2: 6.67 and 3.33 backends.
     rows = {("w1", a): Demand(held=10), ("w2", a): Demand(held=0, waiting=5, oldest=0.0)}
-    assert fair_excess(10, rows, now=0.1) == {("w1", a): 3}
+    assert fair_excess(10, rows, now=0.1) == {("w1", a): 5}
     # One backend, two workers wanting it: the holder keeps it for a while, then the
     # starved waiter's turn comes.
     rows = {("w1", a): Demand(held=1), ("w2", a): Demand(held=0, waiting=1, oldest=0.0)}
     assert fair_excess(1, rows, now=STARVE_AFTER / 2) == {}
     assert fair_excess(1, rows, now=STARVE_AFTER * 2) == {("w1", a): 1}
-
-
-def test_a_users_share_follows_its_sessions_not_its_workers():
-    """Split between one user's workers by the sessions each has wanting, so that a
-    session is served alike on either worker (29 and 21 clients on 20 backends get
-    11.6 and 8.4, not 10 each); within one backend of that, the holdings stay put."""
-    now = 10.0
-    # From 10 and 10: 11 and 9, the backend left over by rounding down (11 + 8) staying
-    # with the worker that holds it.
-    w1, w2 = Demand(held=10, waiting=19, oldest=0.0), Demand(held=10, waiting=11, oldest=0.0)
-    assert split_share(20, {"w1": w1, "w2": w2}, now) == {"w1": 11, "w2": 9}
-    # 11.6 and 8.4: whoever holds more than its rounded-down part keeps the backend
-    # left over, so demand moving by a session or two does not move backends.
-    assert split_share(20, {"w1": Demand(held=11, waiting=18), "w2": Demand(held=9, waiting=12)},
-                       now) == {"w1": 11, "w2": 9}
-    assert split_share(20, {"w1": Demand(held=12, waiting=17), "w2": Demand(held=8, waiting=13)},
-                       now) == {"w1": 12, "w2": 8}
-    # Three sessions against forty: 1.4 and 18.6 backends.
-    assert split_share(20, {"w1": Demand(held=3), "w2": Demand(held=10, waiting=30)},
-                       now) == {"w1": 2, "w2": 18}
-    # Everyone served when the share covers every session.
-    assert split_share(20, {"w1": Demand(held=5, waiting=2), "w2": Demand(waiting=3)},
-                       now) == {"w1": 7, "w2": 3}
-    # A holder with none that has waited past STARVE_AFTER gets a backend first.
-    many = {f"w{i}": Demand(held=1) for i in range(4)}
-    many["late"] = Demand(waiting=1, oldest=now - STARVE_AFTER - 1)
-    shares = split_share(4, many, now)
-    assert shares["late"] == 1 and sum(shares.values()) == 4
-
-
-def test_split_share_properties_on_random_demands():
-    rng = random.Random(99)
-    for _ in range(2000):
-        share = rng.randint(0, 30)
-        rows = {i: Demand(held=rng.randint(0, 10), waiting=rng.choice([0, 1, rng.randint(0, 40)]),
-                          oldest=rng.choice([None, 0.0, 9.99]))
-                for i in range(rng.randint(1, 6))}
-        got = split_share(share, rows, 10.0)
-        want = {k: d.held + d.waiting for k, d in rows.items()}
-        total = sum(want.values())
-        assert sum(got.values()) == min(share, total), (share, rows, got)
-        for k in rows:
-            assert 0 <= got[k] <= want[k]
-            if total > share:  # within one backend of its proportional part
-                assert abs(got[k] - share * want[k] / total) < 1, (share, rows, got)
 
 
 def test_excess_respects_limits():
@@ -431,39 +383,29 @@ def test_cli_takes_user_limits_and_refuses_bad_ones():
         assert "--user-limit" in out.stderr, (bad, out.stderr)
 
 
-def test_a_freed_backend_goes_to_the_worker_furthest_below_its_share():
-    """Within one user, the next request served is that of the worker furthest below
-    its fair share of the pool (``split_share``, counting backends being opened for
-    it), oldest first among equals; a cancelled request at the head goes first, to be
-    dropped."""
+def test_a_freed_backend_goes_to_the_worker_holding_fewest():
+    """Within one user, the next request served is that of the worker holding the
+    fewest backends of its pool, counting those being opened for it, oldest first
+    among equals; a cancelled request at the head goes first, to be dropped."""
     loop = asyncio.new_event_loop()
     try:
-        pool = PoolManager(loop, "/nonexistent", cap=4)
+        pool = PoolManager(loop, "/nonexistent", cap=6)
         key = ("db", "u")
         w1, w2, w3 = object(), object(), object()
         for i, owner in enumerate((w1, w1, w2)):
             pool.backends[i] = PooledBackend(i, key, conn=None, state="leased", owner=owner)
 
-        def req(owner, since=None):
-            r = LeaseRequest(key, grant=lambda b: None, fail=lambda e: None, owner=owner)
-            if since is not None:
-                r.since = since
-            return r
+        def req(owner):
+            return LeaseRequest(key, grant=lambda b: None, fail=lambda e: None, owner=owner)
 
-        # Three sessions each: shares 2 and 2, so w2 (holding 1) goes before w1's
-        # older request.
         old_w1, new_w2 = req(w1), req(w2)
-        q = pool.queues["u"] = collections.deque([old_w1, new_w2, req(w2)])
-        assert pool._next_request(q) is new_w2
-        # One more on its way to w2: shares 2 and 2 again (w1 keeps the backend left
-        # over by rounding, as it holds more than its rounded-down part), both at their
-        # share, oldest first.
-        pool.opening_reqs.add(req(w2))
+        q = collections.deque([old_w1, new_w2])
+        assert pool._next_request(q) is new_w2  # w2 holds 1, w1 holds 2
+        pool.opening_reqs.add(req(w2))  # one more on its way to w2: a tie, oldest first
         assert pool._next_request(q) is old_w1
-        # w3 holds nothing and has waited past STARVE_AFTER: its turn.
-        starved_w3 = req(w3, since=time.monotonic() - STARVE_AFTER - 1)
-        q.append(starved_w3)
-        assert pool._next_request(q) is starved_w3
+        newest_w3 = req(w3)  # holds nothing at all
+        q.append(newest_w3)
+        assert pool._next_request(q) is newest_w3
         old_w1.cancelled = True
         assert pool._next_request(q) is old_w1
     finally:
