@@ -5,7 +5,8 @@ The pooler's cache stays the one source: a worker keeps what the pooler answered
 for ``TTL`` seconds at most, and only while the shared role-facts epoch has not
 moved since before it asked. The pooler bumps that epoch whenever what it knows
 of a role may have changed (a refused login anywhere, or a refetch that differs),
-so no worker answers from facts the pooler has dropped.
+so no worker answers from facts the pooler has dropped; a worker bumps it (its own
+counter) when a session's ALTER ROLE or ALTER DATABASE transaction ends.
 """
 
 from __future__ import annotations

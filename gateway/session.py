@@ -152,13 +152,14 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         self.unnamed_dep: bytes | None = None
         # Why executing a statement pins (client name; the unnamed one).
         self.stmt_pins: dict[bytes, str] = NO_ENTRIES  # type: ignore[assignment]
-        # Per statement: (settings RESET, drops all statements) when executed.
-        self.stmt_effects: dict[bytes, tuple[tuple[str, ...], bool] | None] = NO_ENTRIES  # type: ignore[assignment]
-        self.unnamed_effects: tuple[tuple[str, ...], bool] | None = None
+        # Per statement: (settings RESET, drops all statements, changes logins) when executed.
+        self.stmt_effects: dict[bytes, tuple[tuple[str, ...], bool, bool] | None] = NO_ENTRIES  # type: ignore[assignment]
+        self.unnamed_effects: tuple[tuple[str, ...], bool, bool] | None = None
         self.pending_resets: tuple[str, ...] = ()
         self.pending_drop = False
         self.unnamed_pin: str | None = None
-        # Statements whose execution may change settings (client names; the unnamed one).
+        # Statements whose execution may change settings, or roles and databases (client
+        # names; the unnamed one): their Bind looks up stmt_effects.
         self.setting_stmts: frozenset[bytes] = NO_NAMES
         self.unnamed_sets = False
         self.unnamed_token: object | None = None
@@ -744,6 +745,11 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             and not link.dead
             and self.held is None
         ):
+            if link.logins_changed:
+                # Its transaction is over (committed or not): the next login anywhere
+                # reads the catalogs again, so it sees the new password or defaults.
+                link.logins_changed = False
+                self.worker.role_facts.epoch.bump_sessions()
             if link.listened and "listen" not in self.pins:
                 # The backend listens for this session; the hub does that for everyone.
                 link.listened = False
@@ -815,6 +821,8 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             cmd = sql_prepare.parse(sql) if fx.prepared else None
             if fx.vacates:
                 self.worker.vacate(fx.vacates)
+            if fx.logins:
+                link.logins_changed = True
             query_entry = None
             if cmd is None:
                 self._note_pins(fx)
@@ -851,6 +859,8 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
                 if after is not None:
                     self.pending_resets += after[0]
                     self.pending_drop = self.pending_drop or after[1]
+                    if after[2]:
+                        link.logins_changed = True
             # Executing it may create pinning state (the Parse may be a Sync earlier).
             pin = self.stmt_pins.get(name) if name else self.unnamed_pin
             if pin is not None:

@@ -79,10 +79,10 @@ class StatementBook:
             self.stmt_listen[name] = fx.listen
         else:
             self.stmt_listen.pop(name, None)
-        if fx.sets or fx.drops:
+        if fx.sets or fx.drops or fx.logins:
             self.setting_stmts = self.setting_stmts | {name}
             self.custom_names |= fx.custom
-            self.stmt_effects[name] = (fx.resets, fx.drops)
+            self.stmt_effects[name] = (fx.resets, fx.drops, fx.logins)
         else:
             if name in self.setting_stmts:
                 self.setting_stmts = self.setting_stmts - {name}
@@ -228,12 +228,13 @@ class StatementBook:
                     link.prepared.discard(bname)
                 else:
                     dep = cmd.name  # binding this statement later needs our SQL statement
-        sets = fx.sets or fx.drops
+        sets = fx.sets or fx.drops or fx.logins
         done_after = None
         if sets:
             self.custom_names |= fx.custom
-            # What executing it does beyond its result, applied at the group's Sync.
-            done_after = (fx.resets, fx.drops)
+            # What executing it does beyond its result, applied at the group's Sync
+            # (settings reset, statements dropped) or at its transaction's end (logins).
+            done_after = (fx.resets, fx.drops, fx.logins)
         if name:
             self.stmt_effects[name] = done_after
         else:

@@ -1,4 +1,4 @@
-"""A counter in POSIX shared memory that one process bumps and every process reads.
+"""Two counters in POSIX shared memory, read together as one epoch by every process.
 
 The pooler bumps the role-facts epoch whenever what it knows of a role may have
 changed (a refused login, or a catalog refetch that differs). Workers keep role
@@ -6,8 +6,15 @@ facts for a few seconds and drop them once the epoch moved, so a login that fail
 on one worker is never answered from stale facts on another, and a steady stream
 of logins costs no IPC.
 
-Layout: magic b"PGFLEPCH", u32 version, u32 value (little endian), padded to 64.
-A reader needs no lock: the value is one aligned word, written with one copy.
+The second counter is the workers': one bumps it when a session's transaction that
+ran ALTER ROLE / ALTER DATABASE (and the like) ends, so the very next login, on any
+worker, reads the catalogs again: the pooler drops its own cache when it sees this
+counter move. Workers write it without a lock: two bumps at once may count as one,
+but the value still moves, which is all a reader asks.
+
+Layout: magic b"PGFLEPCH", u32 version, u32 pooler's counter, u32 workers' counter
+(little endian), padded to 64. Readers need no lock: each counter is one aligned
+word written with one copy; a read torn between the two only looks like a change.
 """
 
 from __future__ import annotations
@@ -19,9 +26,10 @@ from .codec import IpcError
 from .shm import create_segment, map_segment, segment_name, store_u32, unlink_segment
 
 _MAGIC = b"PGFLEPCH"
-_VERSION = 1
+_VERSION = 2
 _HEADER = struct.Struct("<8sI")
 _VALUE_AT = 12
+_SESSIONS_AT = 16
 _SIZE = 64
 
 
@@ -50,12 +58,25 @@ class SharedEpoch:
 
     @property
     def value(self) -> int:
-        return int.from_bytes(self._map[_VALUE_AT : _VALUE_AT + 4], "little")
+        """Both counters as one number: it moves when either does."""
+        return int.from_bytes(self._map[_VALUE_AT : _SESSIONS_AT + 4], "little")
+
+    @property
+    def sessions(self) -> int:
+        """The workers' counter alone."""
+        return int.from_bytes(self._map[_SESSIONS_AT : _SESSIONS_AT + 4], "little")
 
     def bump(self) -> int:
-        """Advance the counter (single writer: the pooler) and return the new value."""
-        new = (self.value + 1) & 0xFFFFFFFF
-        store_u32(self._map, _VALUE_AT, new)
+        """Advance the pooler's counter (its only writer); the counter's new value."""
+        return self._advance(_VALUE_AT)
+
+    def bump_sessions(self) -> int:
+        """Advance the workers' counter: a session changed roles or databases."""
+        return self._advance(_SESSIONS_AT)
+
+    def _advance(self, at: int) -> int:
+        new = (int.from_bytes(self._map[at : at + 4], "little") + 1) & 0xFFFFFFFF
+        store_u32(self._map, at, new)
         return new
 
     def close(self) -> None:

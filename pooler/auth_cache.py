@@ -2,8 +2,11 @@
 
 Cached per (user, database) for a few seconds, so that a burst of logins costs
 one catalog query; a refused login invalidates the entry at once, so that a new
-or changed role works without a restart. A password change or NOLOGIN can take
-up to ``ttl`` seconds to refuse a login that the old verifier still accepts.
+or changed role works without a restart. A change made through pgfleet (ALTER
+ROLE, ALTER DATABASE, ... in a session) drops the whole cache before the next
+login: the workers count such transactions in shared memory. A change made
+straight on Postgres can take up to ``ttl`` seconds to be seen (a password change
+or NOLOGIN to refuse a login that the old verifier still accepts).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class AuthCache:
         ttl: float = 5.0,
         on_defaults_changed: Callable[[str, str], None] = lambda db, user: None,
         on_facts_changed: Callable[[], None] = lambda: None,
+        changed_by_sessions: Callable[[], int] = lambda: 0,
     ) -> None:
         self.pool = pool
         self.ttl = ttl
@@ -54,6 +58,9 @@ class AuthCache:
         self.on_facts_changed = on_facts_changed
         self._entries: dict[tuple[str, str], tuple[float, dict]] = {}
         self._inflight: dict[tuple[str, str], asyncio.Task] = {}
+        # The workers' count of sessions that changed roles or databases, as last seen.
+        self.changed_by_sessions = changed_by_sessions
+        self._sessions_seen = changed_by_sessions()
 
     def invalidate(self, user: str) -> None:
         for k in [k for k in self._entries if k[0] == user]:
@@ -64,6 +71,13 @@ class AuthCache:
         """Facts for a login. An expired entry is still served while a refresh runs in
         the background: the refresh needs a backend, and when every backend is busy a
         login should not wait for one. Entries removed by a refused login are not."""
+        seen = self.changed_by_sessions()
+        if seen != self._sessions_seen:
+            # A session changed roles or databases: nothing cached is known to hold.
+            # (The workers dropped what they kept when the count moved.)
+            self._sessions_seen = seen
+            self._entries.clear()
+            self._inflight.clear()  # (what they fetch may predate the change)
         key = (user, database)
         hit = self._entries.get(key)
         if hit is not None and not refresh:
@@ -83,10 +97,15 @@ class AuthCache:
         return task
 
     async def _fetch_and_store(self, key: tuple[str, str]) -> dict:
+        me = asyncio.current_task()
+        sessions_before = self.changed_by_sessions()
         try:
             info = await self._fetch(*key)
         finally:
-            self._inflight.pop(key, None)
+            if self._inflight.get(key) is me:
+                del self._inflight[key]
+        if self.changed_by_sessions() != sessions_before:
+            return info  # a session changed roles meanwhile: answer, but keep nothing
         if info["role_exists"] and info["db_exists"]:
             old = self._entries.get(key)
             self._entries[key] = (time.monotonic(), info)

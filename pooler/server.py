@@ -175,6 +175,7 @@ class Pooler:
         self.auth = AuthCache(
             self.pool, on_defaults_changed=self.defaults_changed,
             on_facts_changed=self.role_epoch.bump,
+            changed_by_sessions=lambda: self.role_epoch.sessions,
         )
         self.hub = ListenHub(self.loop, str(cfg.pg_socket_path), self.notify)
         self.links: set[WorkerLink] = set()

@@ -107,3 +107,26 @@ def test_a_shape_never_hides_what_a_statement_does() -> None:
     assert effects(b"select * from pg_temp.t").pin == "temp_table"
     assert effects(b"select * from pg_temp_3.t").pin == "temp_table"
     assert effects(b"SET work_mem = '64MB'").sets
+
+
+@pytest.mark.parametrize("sql", [
+    "alter role app set search_path = s", "ALTER USER app PASSWORD 'x'", "alter group g add user u",
+    "alter role all in database d set work_mem = '8MB'", "begin; alter database d reset all",
+    "/* why */ drop role if exists app", "drop user app", "drop database d",
+    "alter database d allow_connections false",
+])
+def test_statements_that_change_logins(sql: str) -> None:
+    from gateway.classify import effects
+
+    assert effects(sql.encode()).logins
+
+
+@pytest.mark.parametrize("sql", [
+    "select * from users", "select current_user", "alter table role add column user_id int",
+    "select 'alter role x set y = 1'", "create table database (id int)",
+    "update accounts set role = 'admin'", 'select "alter role" from t',
+])
+def test_statements_that_leave_logins_alone(sql: str) -> None:
+    from gateway.classify import effects
+
+    assert not effects(sql.encode()).logins

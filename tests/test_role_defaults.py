@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import psycopg
+import pytest
 
 
 def test_alter_role_set_reaches_new_sessions(make_server):
@@ -34,3 +35,43 @@ def test_alter_role_set_reaches_new_sessions(make_server):
     with psycopg.connect(dsn, autocommit=True, connect_timeout=10,
                          options="-c search_path=mine") as c:
         assert c.execute("show search_path").fetchone() == ("mine",)
+
+
+def test_changes_made_through_pgfleet_reach_the_very_next_login(make_server):
+    """ALTER ROLE / ALTER DATABASE run through pgfleet are seen by the next login on
+    either worker, with no wait: a new password at once, new defaults once the
+    transaction that set them commits (and not before, as in Postgres). Each protocol
+    path is used: a simple Query, an unnamed Parse, a named prepared statement."""
+    srv = make_server("--pool-size", "4", "--workers", "2")
+    with psycopg.connect(srv.direct_dsn(), autocommit=True) as admin:
+        admin.execute("drop role if exists rd_now")
+        admin.execute("create role rd_now login password 'pw-one'")
+
+    def logins(n: int, password: str = "pw-one") -> set[tuple[str, str]]:
+        seen = set()
+        for _ in range(n):
+            with psycopg.connect(srv.dsn(user="rd_now", password=password),
+                                 autocommit=True, connect_timeout=10) as c:
+                seen.add((c.execute("show search_path").fetchone()[0],
+                          c.execute("show work_mem").fetchone()[0]))
+        return seen
+
+    try:
+        assert logins(6) == {('"$user", public', "4MB")}  # both workers' caches warm
+        with psycopg.connect(srv.dsn(), autocommit=True, connect_timeout=10) as su:
+            psycopg.ClientCursor(su).execute("alter role rd_now set search_path = via_pgfleet")
+            assert logins(6) == {("via_pgfleet", "4MB")}
+            su.autocommit = False
+            su.execute("alter database postgres set work_mem = '7MB'")  # unnamed Parse
+            assert logins(3) == {("via_pgfleet", "4MB")}  # not committed yet
+            su.commit()
+            assert logins(6) == {("via_pgfleet", "7MB")}
+            su.autocommit = True
+            su.execute("alter role rd_now password 'pw-two'", prepare=True)  # named
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            logins(1)
+        assert logins(3, password="pw-two") == {("via_pgfleet", "7MB")}
+    finally:
+        with psycopg.connect(srv.direct_dsn(), autocommit=True) as admin:
+            admin.execute("alter database postgres reset work_mem")
+            admin.execute("alter role rd_now reset all")

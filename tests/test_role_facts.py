@@ -44,6 +44,19 @@ def test_epoch_bumps_are_seen_by_another_mapping(epoch):
         other.close()
 
 
+def test_the_workers_counter_moves_the_epoch_too(epoch):
+    """A worker whose session ran ALTER ROLE bumps its own counter: every worker's
+    kept facts go, and the pooler reads the counter alone to drop its cache."""
+    facts = RoleFacts(epoch)
+    facts.remember("alice", "app", epoch.value, FACTS)
+    before = epoch.value
+    assert epoch.bump_sessions() == 1
+    assert epoch.sessions == 1 and epoch.value != before
+    assert facts.get("alice", "app") is None
+    epoch.bump()  # the pooler's counter leaves the workers' alone
+    assert epoch.sessions == 1
+
+
 def test_epoch_attach_refuses_a_foreign_segment():
     name = f"/pgfleet-test-epoch-bad-{os.getpid()}"
     m = create_segment(name, 64)
