@@ -207,8 +207,8 @@ class BackendLink(asyncio.Protocol):
         self.unnamed_of: object | None = None
         # A session's LISTEN ran here: UNLISTEN * before the backend goes back.
         self.listened = False
-        # ALTER ROLE / DATABASE (or the like) ran in the open transaction: once it ends,
-        # logins must read the catalogs again.
+        # ALTER ROLE / DATABASE / SYSTEM or pg_reload_conf() ran in the open transaction:
+        # once it ends, logins must read the catalogs again.
         self.logins_changed = False
         self.manager = manager
         self.transport: asyncio.Transport | None = None

@@ -12,9 +12,9 @@ pinning, Postgres's own parser on the texts the scan flags):
   book is re-read from the backend at the end of such a transaction.
 - ``reset_targets`` / ``drops_statements``: which startup settings must be put
   back after it, and does it deallocate every prepared statement?
-- ``changes_logins``: may it change what a login finds in the catalogs (a role's
-  password, LOGIN, defaults; a database's defaults)? Logins then stop trusting what
-  the workers and the pooler cached.
+- ``changes_logins``: may it change what a new session starts from (a role's
+  password, LOGIN, defaults; a database's defaults; the server's configuration)?
+  Logins then stop trusting what the workers and the pooler cached.
 """
 
 from __future__ import annotations
@@ -267,15 +267,19 @@ def drops_statements(sql: bytes) -> bool:
     )
 
 
-_LOGIN_FACTS = re.compile(rb"(?:^|;)\s*(?:\(\s*)*(?:alter|drop)\s+(?:role|user|group|database)\b")
+_LOGIN_FACTS = re.compile(
+    rb"(?:^|;)\s*(?:\(\s*)*(?:(?:alter|drop)\s+(?:role|user|group|database)|alter\s+system)\b"
+    rb"|\bpg_reload_conf\s*\("
+)
 
 
 def changes_logins(sql: bytes) -> bool:
-    """True if ``sql`` may change what logins read from the catalogs: ALTER/DROP ROLE
+    """True if ``sql`` may change what a new session starts from: ALTER/DROP ROLE
     (USER, GROUP) for passwords, LOGIN, VALID UNTIL, renames and ``SET`` defaults;
-    ALTER/DROP DATABASE for its defaults and ALLOW_CONNECTIONS."""
+    ALTER/DROP DATABASE for its defaults and ALLOW_CONNECTIONS; ALTER SYSTEM and
+    pg_reload_conf() for the values a new session reports (TimeZone, ...)."""
     low = sql.lower()
-    if b"alter" not in low and b"drop" not in low:
+    if b"alter" not in low and b"drop" not in low and b"reload" not in low:
         return False
     return _LOGIN_FACTS.search(_blank(low)) is not None
 
@@ -337,7 +341,7 @@ class Effects:
     prepared: bool = False  # mentions PREPARE/EXECUTE/DEALLOCATE
     # Databases it needs no one else connected to (DROP, RENAME, TEMPLATE of, SET TABLESPACE).
     vacates: tuple[str, ...] = ()
-    # May change what a login reads from the catalogs (see changes_logins).
+    # May change what a new session starts from (see changes_logins).
     logins: bool = False
 
 
@@ -345,7 +349,7 @@ PLAIN = Effects()
 # A statement mentioning none of these does nothing to its session beyond its result.
 _ANY_EFFECT = tuple(dict.fromkeys((
     b"set", b"prepare", b"listen", b"load", b"hold", b"temp", b"advisory", b"discard",
-    b"execute", b"deallocate", b"database", b"role", b"user", b"group", *_MIGHT_UNPIN)))
+    b"execute", b"deallocate", b"database", b"role", b"user", b"group", b"system", b"reload", *_MIGHT_UNPIN)))
 # Lower-case, and every digit as 0, in one pass: texts that differ only in the values
 # of their numbers (most generated queries) share one shape. No keyword above has a
 # digit, so a shape without keywords comes from a text without them; and whether a

@@ -30,6 +30,7 @@ from pgwire.auth import (
 from pgwire.errors import ProtocolViolation
 
 from . import tls
+from .backend import K_QUERY
 from .startup_params import StartupParamError, session_settings
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from .worker import Worker
 
 PASSWORD_MSG = ord("p")
+EMPTY_QUERY = fe.encode_query("")
 TERMINATE = ord("X")
 
 
@@ -426,7 +428,10 @@ class Login:
 
         try:
             if not self.worker.apply_settings(link, s.settings, on_done=applied):
-                applied(True)
+                # Nothing to set: an empty query all the same, so that a backend that has
+                # run nothing since a configuration reload reports what it has now.
+                link.expect(K_QUERY, swallow=1, on_done=applied)
+                link.write(EMPTY_QUERY)
             link.flush()
             ok = await ok_fut
             if not ok:

@@ -6,7 +6,8 @@ for ``TTL`` seconds at most, and only while the shared role-facts epoch has not
 moved since before it asked. The pooler bumps that epoch whenever what it knows
 of a role may have changed (a refused login anywhere, or a refetch that differs),
 so no worker answers from facts the pooler has dropped; a worker bumps it (its own
-counter) when a session's ALTER ROLE or ALTER DATABASE transaction ends.
+counter) when a session's transaction that ran ALTER ROLE, ALTER DATABASE, ALTER
+SYSTEM or pg_reload_conf() ends.
 """
 
 from __future__ import annotations

@@ -747,7 +747,8 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         ):
             if link.logins_changed:
                 # Its transaction is over (committed or not): the next login anywhere
-                # reads the catalogs again, so it sees the new password or defaults.
+                # reads the catalogs again, so it sees the new password, defaults or
+                # reloaded configuration.
                 link.logins_changed = False
                 self.worker.role_facts.epoch.bump_sessions()
             if link.listened and "listen" not in self.pins:

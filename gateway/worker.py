@@ -107,6 +107,8 @@ class PoolerClient:
             key = (str(msg["db"]), str(msg["user"]))
             self.worker.forget_status(key)
             leases.retire(key)
+        elif op == "forget_statuses":
+            self.worker.forget_status(None)
         elif op == "vacate":
             db = str(msg["db"])
             for key in [k for k in leases.idle if k[0] == db]:
@@ -348,9 +350,13 @@ class Worker:
             lambda: b"".join(be.encode_parameter_status(k, v) for k, v in status.items()),
         )
 
-    def forget_status(self, key: tuple[str, str]) -> None:
-        """Role/database defaults changed: login status reports for ``key`` are stale."""
+    def forget_status(self, key: tuple[str, str] | None) -> None:
+        """Role/database defaults changed: login status reports for ``key`` (None: every
+        key, after a configuration reload) are stale."""
         self.defaults_gen += 1
+        if key is None:
+            self.status_cache.clear()
+            return
         for k in [k for k in self.status_cache if k[0] == key]:
             del self.status_cache[k]
 

@@ -7,9 +7,9 @@ on one worker is never answered from stale facts on another, and a steady stream
 of logins costs no IPC.
 
 The second counter is the workers': one bumps it when a session's transaction that
-ran ALTER ROLE / ALTER DATABASE (and the like) ends, so the very next login, on any
-worker, reads the catalogs again: the pooler drops its own cache when it sees this
-counter move. Workers write it without a lock: two bumps at once may count as one,
+ran ALTER ROLE / ALTER DATABASE / ALTER SYSTEM / pg_reload_conf() (and the like)
+ends, so the very next login, on any worker, reads the catalogs again: the pooler
+drops its own caches (role facts, status reports) when it sees this counter move. Workers write it without a lock: two bumps at once may count as one,
 but the value still moves, which is all a reader asks.
 
 Layout: magic b"PGFLEPCH", u32 version, u32 pooler's counter, u32 workers' counter
@@ -71,7 +71,8 @@ class SharedEpoch:
         return self._advance(_VALUE_AT)
 
     def bump_sessions(self) -> int:
-        """Advance the workers' counter: a session changed roles or databases."""
+        """Advance the workers' counter: a session changed roles, databases or the
+        configuration."""
         return self._advance(_SESSIONS_AT)
 
     def _advance(self, at: int) -> int:

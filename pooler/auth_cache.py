@@ -28,7 +28,10 @@ _LOOKUP_SQL = (
     # ALTER ROLE/DATABASE ... SET defaults that apply to this (user, database)
     "(SELECT string_agg(array_to_string(s.setconfig, E'\\x01'), E'\\x02' "
     "ORDER BY s.setdatabase, s.setrole) FROM pg_catalog.pg_db_role_setting s "
-    "WHERE s.setrole IN (r.oid, 0) AND s.setdatabase IN (d.oid, 0)) "
+    "WHERE s.setrole IN (r.oid, 0) AND s.setdatabase IN (d.oid, 0)), "
+    # When this backend last read the configuration files: a reload changes the values
+    # new sessions report (TimeZone, ...).
+    "pg_catalog.pg_conf_load_time() "
     "FROM (SELECT 1) AS one "
     "LEFT JOIN pg_catalog.pg_authid r ON r.rolname = {user} "
     "LEFT JOIN pg_catalog.pg_database d ON d.datname = {db}"
@@ -47,6 +50,7 @@ class AuthCache:
         on_defaults_changed: Callable[[str, str], None] = lambda db, user: None,
         on_facts_changed: Callable[[], None] = lambda: None,
         changed_by_sessions: Callable[[], int] = lambda: 0,
+        on_starts_changed: Callable[[], None] = lambda: None,
     ) -> None:
         self.pool = pool
         self.ttl = ttl
@@ -58,9 +62,14 @@ class AuthCache:
         self.on_facts_changed = on_facts_changed
         self._entries: dict[tuple[str, str], tuple[float, dict]] = {}
         self._inflight: dict[tuple[str, str], asyncio.Task] = {}
-        # The workers' count of sessions that changed roles or databases, as last seen.
+        # The workers' count of sessions that changed roles, databases or the server's
+        # configuration, as last seen.
         self.changed_by_sessions = changed_by_sessions
         self._sessions_seen = changed_by_sessions()
+        # Called when what every new session starts from may have changed (that count
+        # moved, or Postgres reloaded its configuration): status reports are stale.
+        self.on_starts_changed = on_starts_changed
+        self._conf_loaded: bytes | None = None
 
     def invalidate(self, user: str) -> None:
         for k in [k for k in self._entries if k[0] == user]:
@@ -73,11 +82,13 @@ class AuthCache:
         login should not wait for one. Entries removed by a refused login are not."""
         seen = self.changed_by_sessions()
         if seen != self._sessions_seen:
-            # A session changed roles or databases: nothing cached is known to hold.
+            # A session changed roles, databases or the configuration: nothing cached
+            # is known to hold.
             # (The workers dropped what they kept when the count moved.)
             self._sessions_seen = seen
             self._entries.clear()
             self._inflight.clear()  # (what they fetch may predate the change)
+            self.on_starts_changed()
         key = (user, database)
         hit = self._entries.get(key)
         if hit is not None and not refresh:
@@ -104,8 +115,13 @@ class AuthCache:
         finally:
             if self._inflight.get(key) is me:
                 del self._inflight[key]
+        conf_loaded = info.pop("conf_loaded")
         if self.changed_by_sessions() != sessions_before:
             return info  # a session changed roles meanwhile: answer, but keep nothing
+        if self._conf_loaded != conf_loaded:
+            if self._conf_loaded is not None:
+                self.on_starts_changed()  # reloaded straight on Postgres (pg_ctl reload, ...)
+            self._conf_loaded = conf_loaded
         if info["role_exists"] and info["db_exists"]:
             old = self._entries.get(key)
             self._entries[key] = (time.monotonic(), info)
@@ -154,4 +170,5 @@ class AuthCache:
             "role_exists": _bool(row[4]),
             "db_exists": _bool(row[5]),
             "role_settings": row[6].decode() if row[6] is not None else "",
+            "conf_loaded": row[7],
         }

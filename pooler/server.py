@@ -176,6 +176,7 @@ class Pooler:
             self.pool, on_defaults_changed=self.defaults_changed,
             on_facts_changed=self.role_epoch.bump,
             changed_by_sessions=lambda: self.role_epoch.sessions,
+            on_starts_changed=self.forget_statuses,
         )
         self.hub = ListenHub(self.loop, str(cfg.pg_socket_path), self.notify)
         self.links: set[WorkerLink] = set()
@@ -219,6 +220,14 @@ class Pooler:
         for link in list(self.links):
             if not link.channel.closed:
                 link.channel.send({"op": "defaults_changed", "db": database, "user": user})
+
+    def forget_statuses(self) -> None:
+        """Every status report may be stale (a configuration reload, or a session changed
+        roles or databases): here and in every worker, before any login is answered."""
+        self.statuses.clear()
+        for link in list(self.links):
+            if not link.channel.closed:
+                link.channel.send({"op": "forget_statuses"})
 
     def accept(self, channel: Channel) -> tuple:
         link = WorkerLink(self, channel)

@@ -113,7 +113,8 @@ def test_a_shape_never_hides_what_a_statement_does() -> None:
     "alter role app set search_path = s", "ALTER USER app PASSWORD 'x'", "alter group g add user u",
     "alter role all in database d set work_mem = '8MB'", "begin; alter database d reset all",
     "/* why */ drop role if exists app", "drop user app", "drop database d",
-    "alter database d allow_connections false",
+    "alter database d allow_connections false", "ALTER SYSTEM SET timezone = 'UTC'",
+    "select pg_reload_conf()", "SELECT pg_catalog.pg_reload_conf ()",
 ])
 def test_statements_that_change_logins(sql: str) -> None:
     from gateway.classify import effects
@@ -125,6 +126,7 @@ def test_statements_that_change_logins(sql: str) -> None:
     "select * from users", "select current_user", "alter table role add column user_id int",
     "select 'alter role x set y = 1'", "create table database (id int)",
     "update accounts set role = 'admin'", 'select "alter role" from t',
+    "select * from system_reload_log", "select 'pg_reload_conf()'",
 ])
 def test_statements_that_leave_logins_alone(sql: str) -> None:
     from gateway.classify import effects

@@ -75,3 +75,34 @@ def test_changes_made_through_pgfleet_reach_the_very_next_login(make_server):
         with psycopg.connect(srv.direct_dsn(), autocommit=True) as admin:
             admin.execute("alter database postgres reset work_mem")
             admin.execute("alter role rd_now reset all")
+
+
+def test_a_configuration_reload_reaches_the_status_report_of_new_sessions(make_server):
+    """ParameterStatus at login follows ALTER SYSTEM + pg_reload_conf(): at once when
+    they run through pgfleet, within the role-facts lifetime when run straight on
+    Postgres. (The report is cached per role and settings, so that logins need no
+    backend; a stale TimeZone there would make drivers show times in the wrong zone.)"""
+    srv = make_server("--pool-size", "3", "--workers", "2")
+
+    def reported() -> set[tuple[str, str]]:
+        seen = set()
+        for _ in range(6):
+            with psycopg.connect(srv.dsn(), autocommit=True, connect_timeout=10) as c:
+                seen.add((c.info.parameter_status("TimeZone"),
+                          c.execute("show timezone").fetchone()[0]))
+        return seen
+
+    assert reported() == {("Etc/UTC", "Etc/UTC")}
+    with psycopg.connect(srv.dsn(), autocommit=True, connect_timeout=10) as su:
+        su.execute("alter system set timezone = 'Asia/Tokyo'")
+        su.execute("select pg_reload_conf()")
+    assert reported() == {("Asia/Tokyo", "Asia/Tokyo")}
+    with psycopg.connect(srv.direct_dsn(), autocommit=True) as admin:
+        admin.execute("alter system reset timezone")
+        admin.execute("select pg_reload_conf()")
+    deadline = time.monotonic() + 20
+    seen = reported()
+    while seen != {("Etc/UTC", "Etc/UTC")} and time.monotonic() < deadline:
+        time.sleep(0.5)
+        seen = reported()
+    assert seen == {("Etc/UTC", "Etc/UTC")}

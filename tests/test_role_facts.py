@@ -15,6 +15,7 @@ from gateway.worker import PoolerClient
 from ipc.codec import IpcError
 from ipc.epoch import SharedEpoch
 from ipc.shm import create_segment, unlink_segment
+from pooler.auth_cache import AuthCache
 
 FACTS = {"op": "auth_info", "req": 7, "password": "SCRAM-SHA-256$x", "can_login": True,
          "expired": False, "db_allow_conn": True, "role_exists": True, "db_exists": True,
@@ -139,3 +140,69 @@ def test_logins_waiting_for_the_same_facts_share_one_request() -> None:
 
     got = asyncio.run(main())
     assert [(epoch, info["user"]) for epoch, info in got] == [(7, "u")] * 4 + [(8, "v")]
+
+
+def _facts(conf_loaded: bytes = b"t0") -> dict:
+    return {"password": None, "can_login": True, "expired": False, "db_allow_conn": True,
+            "role_exists": True, "db_exists": True, "role_settings": "",
+            "conf_loaded": conf_loaded}
+
+
+def test_the_pooler_cache_drops_everything_when_a_session_changed_logins():
+    """The pooler's side of the workers' counter, without a Postgres: a moved count
+    empties the cache (and the status reports, through on_starts_changed), and a
+    fetch that a session's change overtook answers its askers but is not kept."""
+    async def main() -> None:
+        count = [0]
+        fetches: list[tuple[str, str]] = []
+        starts_changed: list[int] = []
+        pool = SimpleNamespace(loop=asyncio.get_running_loop())
+        cache = AuthCache(pool, changed_by_sessions=lambda: count[0],
+                          on_starts_changed=lambda: starts_changed.append(count[0]))
+        overtaken = [False]
+
+        async def fetch(user: str, database: str) -> dict:
+            fetches.append((user, database))
+            if overtaken[0]:
+                count[0] += 1  # ALTER ROLE committed while the catalog query ran
+            return _facts()
+
+        cache._fetch = fetch
+        first = await cache.lookup("alice", "app")
+        assert "conf_loaded" not in first
+        await cache.lookup("alice", "app")
+        assert len(fetches) == 1  # cached
+        count[0] += 1
+        await cache.lookup("alice", "app")
+        assert len(fetches) == 2 and starts_changed == [1]
+        overtaken[0] = True
+        cache._entries.clear()
+        info = await cache.lookup("alice", "app")
+        assert "conf_loaded" not in info and ("alice", "app") not in cache._entries
+        overtaken[0] = False
+        await cache.lookup("alice", "app")
+        assert len(fetches) == 4 and starts_changed == [1, 2]
+
+    asyncio.run(main())
+
+
+def test_a_configuration_reload_seen_by_the_pooler_makes_status_reports_stale():
+    async def main() -> None:
+        loaded = [b"t0"]
+        starts_changed: list[bytes] = []
+        pool = SimpleNamespace(loop=asyncio.get_running_loop())
+        cache = AuthCache(pool, ttl=0.0,
+                          on_starts_changed=lambda: starts_changed.append(loaded[0]))
+
+        async def fetch(user: str, database: str) -> dict:
+            return _facts(loaded[0])
+
+        cache._fetch = fetch
+        await cache.lookup("alice", "app", refresh=True)
+        await cache.lookup("alice", "app", refresh=True)
+        assert starts_changed == []  # the first load time seen is no change
+        loaded[0] = b"t1"
+        await cache.lookup("alice", "app", refresh=True)
+        assert starts_changed == [b"t1"]
+
+    asyncio.run(main())
