@@ -143,9 +143,7 @@ class WorkerLink:
         """Close every idle backend of a database, here and in every worker's cache."""
         db = str(msg["db"])
         self.pooler.pool.retire(db, None)
-        for link in list(self.pooler.links):
-            if not link.channel.closed:
-                link.channel.send({"op": "vacate", "db": db})
+        self.pooler.broadcast({"op": "vacate", "db": db})
 
     def op_cancel_client(self, msg: dict) -> None:
         """A CancelRequest reached one worker for a client of another: pass it on."""
@@ -217,17 +215,19 @@ class Pooler:
         self.pool.retire(database, user)
         for k in [k for k in self.statuses if k[0] == database and k[1] == user]:
             del self.statuses[k]
-        for link in list(self.links):
-            if not link.channel.closed:
-                link.channel.send({"op": "defaults_changed", "db": database, "user": user})
+        self.broadcast({"op": "defaults_changed", "db": database, "user": user})
 
     def forget_statuses(self) -> None:
         """Every status report may be stale (a configuration reload, or a session changed
         roles or databases): here and in every worker, before any login is answered."""
         self.statuses.clear()
+        self.broadcast({"op": "forget_statuses"})
+
+    def broadcast(self, msg: dict) -> None:
+        """Send ``msg`` to every worker still connected."""
         for link in list(self.links):
             if not link.channel.closed:
-                link.channel.send({"op": "forget_statuses"})
+                link.channel.send(msg)
 
     def accept(self, channel: Channel) -> tuple:
         link = WorkerLink(self, channel)
