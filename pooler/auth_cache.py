@@ -31,7 +31,10 @@ _LOOKUP_SQL = (
     "WHERE s.setrole IN (r.oid, 0) AND s.setdatabase IN (d.oid, 0)), "
     # When this backend last read the configuration files: a reload changes the values
     # new sessions report (TimeZone, ...).
-    "pg_catalog.pg_conf_load_time() "
+    "pg_catalog.pg_conf_load_time(), "
+    # Which role and database the names stand for: a role dropped and created again
+    # under its name is another role, which the old one's backends cannot serve.
+    "r.oid, d.oid "
     "FROM (SELECT 1) AS one "
     "LEFT JOIN pg_catalog.pg_authid r ON r.rolname = {user} "
     "LEFT JOIN pg_catalog.pg_database d ON d.datname = {db}"
@@ -54,9 +57,10 @@ class AuthCache:
     ) -> None:
         self.pool = pool
         self.ttl = ttl
-        # ALTER ROLE/DATABASE ... SET defaults last seen per key: backends opened before
-        # a change still carry the old defaults, so the pooler retires them.
-        self._defaults: dict[tuple[str, str], str] = {}
+        # What backends of a key start as, last seen: the role and database OIDs and the
+        # ALTER ROLE/DATABASE ... SET defaults. Backends opened before a change still
+        # carry the old ones, so the pooler retires them.
+        self._defaults: dict[tuple[str, str], tuple] = {}
         self.on_defaults_changed = on_defaults_changed
         # Workers keep facts too, until this says they may have changed (a shared epoch).
         self.on_facts_changed = on_facts_changed
@@ -116,6 +120,7 @@ class AuthCache:
             if self._inflight.get(key) is me:
                 del self._inflight[key]
         conf_loaded = info.pop("conf_loaded")
+        oids = info.pop("oids")
         if self.changed_by_sessions() != sessions_before:
             return info  # a session changed roles meanwhile: answer, but keep nothing
         if self._conf_loaded != conf_loaded:
@@ -127,9 +132,10 @@ class AuthCache:
             self._entries[key] = (time.monotonic(), info)
             if old is not None and old[1] != info:
                 self.on_facts_changed()
+            starts_as = (oids, info["role_settings"])
             seen = self._defaults.get(key)
-            self._defaults[key] = info["role_settings"]
-            if seen is not None and seen != info["role_settings"]:
+            self._defaults[key] = starts_as
+            if seen is not None and seen != starts_as:
                 self.on_defaults_changed(key[1], key[0])
         return info
 
@@ -171,4 +177,5 @@ class AuthCache:
             "db_exists": _bool(row[5]),
             "role_settings": row[6].decode() if row[6] is not None else "",
             "conf_loaded": row[7],
+            "oids": (row[8], row[9]),
         }

@@ -210,8 +210,9 @@ class Pooler:
                                "payload": payload.decode("latin-1"), "pid": pid})
 
     def defaults_changed(self, database: str, user: str) -> None:
-        """New sessions of (database, user) must start from the new defaults: retire
-        backends that started with the old ones and forget status reports made with them."""
+        """New sessions of (database, user) must start from the new defaults (or as the
+        role now of that name): retire backends that started with the old ones and forget
+        status reports made with them."""
         self.pool.retire(database, user)
         for k in [k for k in self.statuses if k[0] == database and k[1] == user]:
             del self.statuses[k]

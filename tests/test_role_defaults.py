@@ -106,3 +106,47 @@ def test_a_configuration_reload_reaches_the_status_report_of_new_sessions(make_s
         time.sleep(0.5)
         seen = reported()
     assert seen == {("Etc/UTC", "Etc/UTC")}
+
+
+def test_a_role_dropped_and_created_again_gets_backends_of_its_own(make_server):
+    """A role created again under a dropped role's name is another role (another OID):
+    the dropped one's pooled backends must not serve it ("invalid role OID"). Through
+    pgfleet the next login sees it at once; straight on Postgres within the role facts'
+    lifetime."""
+    srv = make_server("--pool-size", "3", "--workers", "1")
+
+    def login_as_rd_again() -> tuple[str, int]:
+        with psycopg.connect(srv.dsn(user="rd_again", password="pw"), autocommit=True,
+                             connect_timeout=10) as c:
+            return c.execute("select current_user::text, (select oid::int from pg_roles "
+                             "where rolname = current_user)").fetchone()
+
+    with psycopg.connect(srv.direct_dsn(), autocommit=True) as admin:
+        admin.execute("drop role if exists rd_again")
+        admin.execute("create role rd_again login password 'pw'")
+        first = admin.execute("select oid::int from pg_roles where rolname = 'rd_again'").fetchone()[0]
+    assert login_as_rd_again() == ("rd_again", first)  # leaves a pooled backend of it
+    with psycopg.connect(srv.dsn(), autocommit=True, connect_timeout=10) as su:
+        su.execute("drop role rd_again")
+        su.execute("create role rd_again login password 'pw'")
+        second = su.execute("select oid::int from pg_roles where rolname = 'rd_again'").fetchone()[0]
+    assert second != first
+    for _ in range(3):
+        assert login_as_rd_again() == ("rd_again", second)
+    with psycopg.connect(srv.direct_dsn(), autocommit=True) as admin:
+        admin.execute("drop role rd_again")
+        admin.execute("create role rd_again login password 'pw'")
+        third = admin.execute("select oid::int from pg_roles where rolname = 'rd_again'").fetchone()[0]
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if login_as_rd_again() == ("rd_again", third):
+                break
+        except psycopg.Error:
+            pass  # the dropped role's backend, until the pooler refetches the role
+        assert time.monotonic() < deadline, "a backend of the dropped role still served"
+        time.sleep(0.5)
+    for _ in range(3):
+        assert login_as_rd_again() == ("rd_again", third)
+    with psycopg.connect(srv.direct_dsn(), autocommit=True) as admin:
+        admin.execute("drop role rd_again")

@@ -145,7 +145,7 @@ def test_logins_waiting_for_the_same_facts_share_one_request() -> None:
 def _facts(conf_loaded: bytes = b"t0") -> dict:
     return {"password": None, "can_login": True, "expired": False, "db_allow_conn": True,
             "role_exists": True, "db_exists": True, "role_settings": "",
-            "conf_loaded": conf_loaded}
+            "conf_loaded": conf_loaded, "oids": (b"10", b"5")}
 
 
 def test_the_pooler_cache_drops_everything_when_a_session_changed_logins():
