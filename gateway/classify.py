@@ -268,7 +268,8 @@ def drops_statements(sql: bytes) -> bool:
 
 
 _LOGIN_FACTS = re.compile(
-    rb"(?:^|;)\s*(?:\(\s*)*(?:(?:alter|drop)\s+(?:role|user|group|database)|alter\s+system)\b"
+    rb"(?:^|;)\s*(?:\(\s*)*(?:(?:alter|drop)\s+(?:role|user|group|database)|alter\s+system"
+    rb"|(?:grant|revoke)\b[^;]*\bon\s+database)\b"
     rb"|\bpg_reload_conf\s*\("
 )
 
@@ -276,10 +277,11 @@ _LOGIN_FACTS = re.compile(
 def changes_logins(sql: bytes) -> bool:
     """True if ``sql`` may change what a new session starts from: ALTER/DROP ROLE
     (USER, GROUP) for passwords, LOGIN, VALID UNTIL, renames and ``SET`` defaults;
-    ALTER/DROP DATABASE for its defaults and ALLOW_CONNECTIONS; ALTER SYSTEM and
-    pg_reload_conf() for the values a new session reports (TimeZone, ...)."""
+    ALTER/DROP DATABASE for its defaults and ALLOW_CONNECTIONS; GRANT/REVOKE ... ON
+    DATABASE for CONNECT; ALTER SYSTEM and pg_reload_conf() for the values a new
+    session reports (TimeZone, ...)."""
     low = sql.lower()
-    if b"alter" not in low and b"drop" not in low and b"reload" not in low:
+    if not any(word in low for word in (b"alter", b"drop", b"reload", b"database")):
         return False
     return _LOGIN_FACTS.search(_blank(low)) is not None
 

@@ -327,6 +327,12 @@ class Login:
                 sqlstate.OBJECT_NOT_IN_PREREQUISITE_STATE,
                 f'database "{database}" is not currently accepting connections',
             )
+        if not info["db_connect"]:
+            raise LoginFailed(
+                sqlstate.INSUFFICIENT_PRIVILEGE,
+                f'permission denied for database "{database}"',
+                "User does not have CONNECT privilege.",
+            )
 
     async def _authenticate(self, user: str, info: dict) -> None:
         method = self.worker.cfg.auth

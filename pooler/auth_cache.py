@@ -34,7 +34,10 @@ _LOOKUP_SQL = (
     "pg_catalog.pg_conf_load_time(), "
     # Which role and database the names stand for: a role dropped and created again
     # under its name is another role, which the old one's backends cannot serve.
-    "r.oid, d.oid "
+    "r.oid, d.oid, "
+    # CONNECT on the database, which Postgres checks when a backend starts: a pooled
+    # backend started before a REVOKE must not let the role in.
+    "COALESCE(pg_catalog.has_database_privilege(r.oid, d.oid, 'CONNECT'), false) "
     "FROM (SELECT 1) AS one "
     "LEFT JOIN pg_catalog.pg_authid r ON r.rolname = {user} "
     "LEFT JOIN pg_catalog.pg_database d ON d.datname = {db}"
@@ -173,6 +176,7 @@ class AuthCache:
             "can_login": _bool(row[1]),
             "expired": _bool(row[2]),
             "db_allow_conn": _bool(row[3]),
+            "db_connect": _bool(row[10]),
             "role_exists": _bool(row[4]),
             "db_exists": _bool(row[5]),
             "role_settings": row[6].decode() if row[6] is not None else "",

@@ -115,6 +115,7 @@ def test_a_shape_never_hides_what_a_statement_does() -> None:
     "/* why */ drop role if exists app", "drop user app", "drop database d",
     "alter database d allow_connections false", "ALTER SYSTEM SET timezone = 'UTC'",
     "select pg_reload_conf()", "SELECT pg_catalog.pg_reload_conf ()",
+    "revoke connect on database app from public", "GRANT CONNECT, TEMP ON DATABASE app TO r",
 ])
 def test_statements_that_change_logins(sql: str) -> None:
     from gateway.classify import effects
@@ -127,6 +128,7 @@ def test_statements_that_change_logins(sql: str) -> None:
     "select 'alter role x set y = 1'", "create table database (id int)",
     "update accounts set role = 'admin'", 'select "alter role" from t',
     "select * from system_reload_log", "select 'pg_reload_conf()'",
+    "grant select on table database_log to r", "revoke all on schema s from public",
 ])
 def test_statements_that_leave_logins_alone(sql: str) -> None:
     from gateway.classify import effects

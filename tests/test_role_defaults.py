@@ -150,3 +150,35 @@ def test_a_role_dropped_and_created_again_gets_backends_of_its_own(make_server):
         assert login_as_rd_again() == ("rd_again", third)
     with psycopg.connect(srv.direct_dsn(), autocommit=True) as admin:
         admin.execute("drop role rd_again")
+
+
+def test_a_role_without_connect_on_the_database_is_refused(make_server):
+    """REVOKE CONNECT ON DATABASE: Postgres checks it when a backend starts, so pgfleet
+    checks it at login, or a role would get in on a pooled backend started before the
+    REVOKE. Through pgfleet the next login sees it at once."""
+    srv = make_server("--pool-size", "3", "--workers", "2")
+    with psycopg.connect(srv.direct_dsn(), autocommit=True) as admin:
+        admin.execute("drop role if exists rd_noconn")
+        admin.execute("create role rd_noconn login password 'pw'")
+
+    def login() -> str:
+        with psycopg.connect(srv.dsn(user="rd_noconn", password="pw"), autocommit=True,
+                             connect_timeout=10) as c:
+            return c.execute("select current_user::text").fetchone()[0]
+
+    try:
+        assert login() == "rd_noconn"  # leaves pooled backends and cached facts
+        with psycopg.connect(srv.dsn(), autocommit=True, connect_timeout=10) as su:
+            su.execute("revoke connect on database postgres from public")
+            for _ in range(4):
+                with pytest.raises(psycopg.OperationalError) as err:
+                    login()
+                assert 'permission denied for database "postgres"' in str(err.value)
+                assert "User does not have CONNECT privilege." in str(err.value)
+            assert su.execute("select 1").fetchone() == (1,)  # the superuser still may
+            su.execute("grant connect on database postgres to rd_noconn")
+            assert login() == "rd_noconn"
+    finally:
+        with psycopg.connect(srv.direct_dsn(), autocommit=True) as admin:
+            admin.execute("grant connect on database postgres to public")
+            admin.execute("revoke connect on database postgres from rd_noconn")

@@ -18,7 +18,8 @@ from ipc.shm import create_segment, unlink_segment
 from pooler.auth_cache import AuthCache
 
 FACTS = {"op": "auth_info", "req": 7, "password": "SCRAM-SHA-256$x", "can_login": True,
-         "expired": False, "db_allow_conn": True, "role_exists": True, "db_exists": True,
+         "expired": False, "db_allow_conn": True, "db_connect": True, "role_exists": True,
+         "db_exists": True,
          "role_settings": "", "status": {"server_version": "15"}}
 
 
@@ -144,6 +145,7 @@ def test_logins_waiting_for_the_same_facts_share_one_request() -> None:
 
 def _facts(conf_loaded: bytes = b"t0") -> dict:
     return {"password": None, "can_login": True, "expired": False, "db_allow_conn": True,
+            "db_connect": True,
             "role_exists": True, "db_exists": True, "role_settings": "",
             "conf_loaded": conf_loaded, "oids": (b"10", b"5")}
 
