@@ -351,7 +351,8 @@ PLAIN = Effects()
 # A statement mentioning none of these does nothing to its session beyond its result.
 _ANY_EFFECT = tuple(dict.fromkeys((
     b"set", b"prepare", b"listen", b"load", b"hold", b"temp", b"advisory", b"discard",
-    b"execute", b"deallocate", b"database", b"role", b"user", b"group", b"system", b"reload", *_MIGHT_UNPIN)))
+    b"execute", b"deallocate", b"database", b"role", b"user", b"group", b"system", b"reload",
+    *_MIGHT_UNPIN)))
 # Lower-case, and every digit as 0, in one pass: texts that differ only in the values
 # of their numbers (most generated queries) share one shape. No keyword above has a
 # digit, so a shape without keywords comes from a text without them; and whether a

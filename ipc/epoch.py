@@ -9,8 +9,9 @@ of logins costs no IPC.
 The second counter is the workers': one bumps it when a session's transaction that
 ran ALTER ROLE / ALTER DATABASE / ALTER SYSTEM / pg_reload_conf() (and the like)
 ends, so the very next login, on any worker, reads the catalogs again: the pooler
-drops its own caches (role facts, status reports) when it sees this counter move. Workers write it without a lock: two bumps at once may count as one,
-but the value still moves, which is all a reader asks.
+drops its own caches (role facts, status reports) when it sees this counter move.
+Workers write it without a lock: two bumps at once may count as one, but the value
+still moves, which is all a reader asks.
 
 Layout: magic b"PGFLEPCH", u32 version, u32 pooler's counter, u32 workers' counter
 (little endian), padded to 64. Readers need no lock: each counter is one aligned

@@ -63,7 +63,7 @@ class AuthCache:
         # What backends of a key start as, last seen: the role and database OIDs and the
         # ALTER ROLE/DATABASE ... SET defaults. Backends opened before a change still
         # carry the old ones, so the pooler retires them.
-        self._defaults: dict[tuple[str, str], tuple] = {}
+        self._starts_as: dict[tuple[str, str], tuple] = {}
         self.on_defaults_changed = on_defaults_changed
         # Workers keep facts too, until this says they may have changed (a shared epoch).
         self.on_facts_changed = on_facts_changed
@@ -136,8 +136,8 @@ class AuthCache:
             if old is not None and old[1] != info:
                 self.on_facts_changed()
             starts_as = (oids, info["role_settings"])
-            seen = self._defaults.get(key)
-            self._defaults[key] = starts_as
+            seen = self._starts_as.get(key)
+            self._starts_as[key] = starts_as
             if seen is not None and seen != starts_as:
                 self.on_defaults_changed(key[1], key[0])
         return info
