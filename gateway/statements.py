@@ -52,6 +52,11 @@ class StatementBook:
             self.stmt_listen = {}
             self.stmt_prepares = {}
 
+    def _statement_name(self, body: bytes) -> bytes:
+        """The shared backend name of a Parse body, under the session's search_path."""
+        own = self.settings.get("search_path")
+        return self.worker.statement_name(body, None if own is None else own[1])
+
     def _parse_known(self, payload: bytes) -> bool:
         """Answer a named Parse without a backend when this worker has already parsed the
         same text and parameter types successfully; it is prepared on a backend when
@@ -62,7 +67,7 @@ class StatementBook:
         if not name or name in self.stmts:
             return False
         body = payload[ne + 1 :]
-        bname = self.worker.statement_name(body)
+        bname = self._statement_name(body)
         if not self.worker.statement_known(bname):
             return False
         fx = effects(body[: cstr_end(body, 0)])
@@ -256,7 +261,7 @@ class StatementBook:
             link.expect(K_PARSE, on_done=parsed)
             link.write(raw)
             return
-        bname = self.worker.statement_name(body)
+        bname = self._statement_name(body)
         entry = (bname, msg(P, bname + b"\x00" + body))
         self.stmts[name] = entry
         if sets:

@@ -302,15 +302,22 @@ class Worker:
         """A backend name for one session's SQL PREPARE, unique across workers and restarts."""
         return backend_name(sql_key(os.getpid(), next(self._sql_names)))
 
-    def statement_name(self, body: bytes) -> bytes:
+    def statement_name(self, body: bytes, search_path: str | None = None) -> bytes:
         """The backend name of a Parse body (query and parameter types): ``pgf_<id>`` from
-        the shared catalog, the same in every worker, so each backend parses it once."""
-        name = self._statement_names.get(body)
+        the shared catalog, the same in every worker, so each backend parses it once.
+
+        ``search_path``: the session's own, if it set one. Sessions on different paths
+        get different names for the same text: Postgres analyses a prepared statement
+        again when the search_path it was parsed under changes, and one shared between
+        tenants whose tables differ would fail "cached plan must not change result
+        type" where each session's own statement works."""
+        key = body if search_path is None else body + b"\x00search_path=" + search_path.encode()
+        name = self._statement_names.get(key)
         if name is None:
             if len(self._statement_names) >= STATEMENT_NAMES_MAX:
                 self._statement_names.clear()
-            name = backend_name(self.catalog.key_for(body))
-            self._statement_names[body] = name
+            name = backend_name(self.catalog.key_for(key))
+            self._statement_names[key] = name
         return name
 
     def note_statement(self, bname: bytes) -> None:

@@ -8,6 +8,8 @@ result type" (0A000): pgfleet re-prepares it and sends B's messages again.
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import psycopg
 
 from pgwire import backend as be
@@ -67,3 +69,35 @@ def test_heal_of_a_whole_bind_unit(make_server):
             assert data_rows(msgs) == [[b"1", b"x"]]
             assert sum(isinstance(m, be.BindComplete) for m in msgs) == 1
             assert sum(isinstance(m, be.RowDescription) for m in msgs) == 1
+
+
+def test_sessions_on_other_search_paths_share_no_statement(make_server):
+    """Two tenants' schemas hold tables of one name and different columns; each session
+    sets its search_path and prepares the same text. On one backend, a statement shared
+    between them would be analysed again under the other path at every switch, and fail
+    with 0A000 inside a transaction, where nothing can be sent again. Each session's own
+    statement works in Postgres, so it must through pgfleet."""
+    srv = make_server("--pool-size", "1", "--workers", "1")
+    with psycopg.connect(srv.direct_dsn(), autocommit=True) as admin:
+        admin.execute("drop schema if exists tenant_a cascade")
+        admin.execute("drop schema if exists tenant_b cascade")
+        admin.execute("create schema tenant_a; create schema tenant_b")
+        admin.execute("create table tenant_a.items(id int, name text)")
+        admin.execute("create table tenant_b.items(id int, price numeric, note text)")
+        admin.execute("insert into tenant_a.items values (1, 'a')")
+        admin.execute("insert into tenant_b.items values (1, 2.5, 'b')")
+    a = psycopg.connect(srv.dsn(), autocommit=True, connect_timeout=10)
+    b = psycopg.connect(srv.dsn(), autocommit=True, connect_timeout=10)
+    try:
+        a.execute("set search_path = tenant_a")
+        b.execute("set search_path = tenant_b")
+        sql = "select * from items where id = %s"
+        for _ in range(3):
+            assert a.execute(sql, (1,), prepare=True).fetchall() == [(1, "a")]
+            with b.transaction():
+                assert b.execute(sql, (1,), prepare=True).fetchall() == [(1, Decimal("2.5"), "b")]
+            with a.transaction():
+                assert a.execute(sql, (1,), prepare=True).fetchall() == [(1, "a")]
+    finally:
+        a.close()
+        b.close()
