@@ -20,7 +20,7 @@ from pgwire import frontend as fe
 from pgwire import sqlstate
 
 from . import sql_prepare
-from .backend import K_BIND, K_EXEC, K_PARSE, K_QUERY
+from .backend import K_BIND, K_CLOSE, K_EXEC, K_PARSE, K_QUERY
 from .classify import effects
 from .protocol import P, Q, cstr_end, msg, raise_sql
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 # A session's statement books until it books a statement (StatementBook._own_books):
 # one shared empty mapping, read-only, so a write that skipped that step fails loudly.
 NO_ENTRIES: Mapping = MappingProxyType({})
+CLOSE_UNNAMED = fe.encode_close("S", "")
 
 
 class StatementBook:
@@ -324,7 +325,15 @@ class StatementBook:
     def _ensure_unnamed(self, link: BackendLink) -> None:
         """The unnamed statement outlives a Sync; re-parse it on a backend that lacks ours."""
         token = self.unnamed_token
-        if token is None or link.unnamed_of is token:
+        if token is None:
+            # We have none, and the backend's may be another session's, which Postgres
+            # would never let us use: close it, so that the Bind or Describe fails with
+            # 26000 as it would on a backend of our own.
+            link.unnamed_of = None
+            link.expect(K_CLOSE, swallow=1)
+            link.write(CLOSE_UNNAMED)
+            return
+        if link.unnamed_of is token:
             return
         link.unnamed_of = token
 

@@ -683,3 +683,32 @@ def test_units_sent_before_the_last_one_answered(one_backend, shape):
                 assert other.execute("select 'after'").fetchone() == ("after",)
     finally:
         s.close()
+
+
+def test_another_sessions_unnamed_statement_is_never_bound(one_backend):
+    """The unnamed statement outlives its Sync on the backend. A session that never
+    parsed one (or whose last simple Query dropped it) and binds or describes it gets
+    26000, as on a backend of its own, not the statement another session left there."""
+    unbound = [("ErrorResponse", "26000", "unnamed prepared statement does not exist"),
+               ("ReadyForQuery", "I")]
+    with direct(one_backend) as d:
+        assert exchange(d, fe.encode_bind("", "", []), fe.encode_execute(), fe.SYNC) == unbound
+        assert exchange(d, fe.encode_describe("S", ""), fe.SYNC) == unbound
+    x, y = via(one_backend), via(one_backend)
+    try:
+        assert exchange(x, fe.encode_parse("", "select 'of x'"), fe.encode_bind("", "", []),
+                        fe.encode_execute(), fe.SYNC)[2] == ("DataRow", [b"of x"])
+        assert exchange(y, fe.encode_bind("", "", []), fe.encode_execute(), fe.SYNC) == unbound
+        assert exchange(y, fe.encode_describe("S", ""), fe.SYNC) == unbound
+        # Its own unnamed statement, dropped by a simple Query, is not bound either.
+        assert exchange(y, fe.encode_parse("", "select 'of y'"), fe.SYNC) == [
+            ("ParseComplete",), ("ReadyForQuery", "I")]
+        assert summary(y.query("select 1"))[-1] == ("ReadyForQuery", "I")
+        assert exchange(x, fe.encode_parse("", "select 'of x'"), fe.SYNC)[0] == ("ParseComplete",)
+        assert exchange(y, fe.encode_bind("", "", []), fe.encode_execute(), fe.SYNC) == unbound
+        # x's statement is still its own to use.
+        assert exchange(x, fe.encode_bind("", "", []), fe.encode_execute(), fe.SYNC)[1] == (
+            "DataRow", [b"of x"])
+    finally:
+        x.close()
+        y.close()
