@@ -294,6 +294,11 @@ class BackendLink(asyncio.Protocol):
         self.queue.append(e)
         self._out.append(raw)
 
+    def lead(self, data: bytes) -> None:
+        """A reply pgfleet makes itself, ahead of the first reply to what is written next
+        (the queue is empty): it goes out in the same write as the backend's replies."""
+        self._client_out.append(data)
+
     def push_synth(self, data: bytes, on_done=None) -> None:
         """Queue a reply pgfleet makes itself, to go out after everything before it."""
         if not self.queue:
@@ -383,7 +388,6 @@ class BackendLink(asyncio.Protocol):
             or self.draining
             or session.listen is not None
             or self.framer.buffered()
-            or self._client_out
             or whole_messages(data, _PLAIN_REPLY) != len(data) - 6
         ):
             return False
@@ -415,6 +419,11 @@ class BackendLink(asyncio.Protocol):
         if parsed is not None:
             for done in parsed:
                 done(True)
+        lead = self._client_out
+        if lead:  # replies pgfleet made itself, ahead of these (lead())
+            self._client_out = []
+            lead.append(data)
+            data = b"".join(lead)
         session.write_client(data)
         session.backend_progress(self)
         return True

@@ -87,9 +87,18 @@ NO_NAMES: frozenset = frozenset()
 # idle sessions never do, and an empty list is 56 bytes each (Session._queue makes one).
 NO_PENDING: tuple = ()
 QUERY_ONLY = (BARE[K_QUERY],)
+
+
+class _UnnamedUnit(tuple):
+    """The replies an unnamed Parse and Bind followed by one of the usual tails ask
+    for: the unit a statement seen before is promoted in (Session._promote)."""
+
+    __slots__ = ()
+
+
 # An unnamed Parse and Bind followed by one of the usual tails: the replies the whole
 # unit asks for. Other shapes take the message-by-message check.
-_UNNAMED_TAILS = {tail: (BARE[K_PARSE], BARE[K_BIND], *expects)
+_UNNAMED_TAILS = {tail: _UnnamedUnit((BARE[K_PARSE], BARE[K_BIND], *expects))
                   for tail, expects in PORTAL_TAILS.items()}
 
 
@@ -415,10 +424,56 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             self.unnamed_listen = self.portal_listen = ()
             self.unnamed_sets = False
             token = object()
-            self.unnamed_parse = data[: 1 + int.from_bytes(data[1:5], "big")]
-            self.unnamed_token = link.unnamed_of = token
+            parse_end = 1 + int.from_bytes(data[1:5], "big")
+            self.unnamed_parse = data[:parse_end]
+            self.unnamed_token = token
+            if (
+                type(kinds) is _UnnamedUnit
+                and link.status == "I"
+                and not link.queue
+                and self._promote(link, data, parse_end, token)
+            ):
+                return  # the backend's unnamed statement is not ours: unnamed_of stays
+            link.unnamed_of = token
         link.expect_all(kinds)
         link.write(data)
+
+    def _promote(self, link: BackendLink, data: bytes, parse_end: int, token: object) -> bool:
+        """Run an unnamed statement seen before as the shared named statement of its text:
+        skip its Parse on a backend that has it (answering ParseComplete here), or parse
+        it there under that name once. Outside a transaction block only, with nothing
+        else in flight on the backend, so that if DDL since made its cached plan stale,
+        the heal can prepare it again and send the unit again, and the client never sees
+        an error a statement of its own would not raise (as in _write_bound)."""
+        body = data[6:parse_end]
+        own = self.settings.get("search_path")
+        bname = self.worker.unnamed_statement_name(body, None if own is None else own[1])
+        if bname is None:
+            return False
+        bind_end = parse_end + 1 + int.from_bytes(data[parse_end + 1 : parse_end + 5], "big")
+        parse = msg(P, bname + b"\x00" + body)
+        if bname in link.prepared:
+            link.prepared.touch(bname)
+            link.lead(be.PARSE_COMPLETE)
+        else:
+            link.make_room()
+            forget = link.assume_prepared(bname)
+
+            def parsed(ok: bool) -> None:
+                forget(ok)
+                if not ok and self.unnamed_token is token:
+                    # A failed Parse leaves no unnamed statement in Postgres either.
+                    self.unnamed_parse = self.unnamed_token = None
+
+            link.expect(K_PARSE, on_done=parsed)
+            link.write(parse)
+        # The client's Bind of "" names the backend's statement; errors about it say "".
+        link.send(K_BIND, msg(B, b"\x00" + bname + data[parse_end + 6 : bind_end]),
+                  heal=parse, names=(bname, b""))
+        tail = data[bind_end:]
+        link.expect_all(PORTAL_TAILS[tail])
+        link.write(tail)
+        return True
 
     def _write_bound(self, link: BackendLink, data: bytes, name: bytes) -> None:
         """A unit from _bound_unit: the Bind names the backend's statement (parsed there

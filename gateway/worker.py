@@ -153,8 +153,11 @@ class Worker:
         # id(shared book) -> (book, its settings as text); id(status) -> (status, encoded)
         self._settings_text: dict[int, tuple[object, str]] = {}
         self._status_bytes: dict[int, tuple[object, bytes]] = {}
-        # Parse body -> backend name, so the shared catalog is consulted once per text.
+        # Parse body (and search_path) -> backend name, so the shared catalog is
+        # consulted once per text.
         self._statement_names: dict[bytes, bytes] = {}
+        # Hashes of unnamed statements' texts seen once (see unnamed_statement_name).
+        self._unnamed_seen: set[int] = set()
         # Hash-named statements (catalog full) that parsed successfully here.
         self._known_hashed: set[bytes] = set()
         self.catalog = StatementCatalog.attach(cfg.statement_catalog_name)
@@ -311,13 +314,33 @@ class Worker:
         again when the search_path it was parsed under changes, and one shared between
         tenants whose tables differ would fail "cached plan must not change result
         type" where each session's own statement works."""
-        key = body if search_path is None else body + b"\x00search_path=" + search_path.encode()
+        key = _statement_key(body, search_path)
         name = self._statement_names.get(key)
-        if name is None:
-            if len(self._statement_names) >= STATEMENT_NAMES_MAX:
-                self._statement_names.clear()
-            name = backend_name(self.catalog.key_for(key))
-            self._statement_names[key] = name
+        return self._name_statement(key) if name is None else name
+
+    def unnamed_statement_name(self, body: bytes, search_path: str | None) -> bytes | None:
+        """The shared backend name for an unnamed statement's Parse body once this worker
+        has seen the text before (None the first time). Drivers send their queries as
+        unnamed statements, Postgres parses each one again, and repeated texts are most
+        of them: run as a shared named statement, each backend parses them once. A text
+        seen once is left alone, so one-off queries do not fill the catalog."""
+        key = _statement_key(body, search_path)
+        name = self._statement_names.get(key)
+        if name is not None:
+            return name
+        seen = self._unnamed_seen
+        h = hash(key)
+        if h in seen:
+            return self._name_statement(key)
+        if len(seen) >= STATEMENT_NAMES_MAX:
+            seen.clear()
+        seen.add(h)
+        return None
+
+    def _name_statement(self, key: bytes) -> bytes:
+        if len(self._statement_names) >= STATEMENT_NAMES_MAX:
+            self._statement_names.clear()
+        name = self._statement_names[key] = backend_name(self.catalog.key_for(key))
         return name
 
     def note_statement(self, bname: bytes) -> None:
@@ -468,3 +491,8 @@ def main(cfg_dict: dict, index: int, listen_fd: int) -> None:
             prof.dump_stats(f"{prof_dir}/worker{index}.prof")
         return
     loop.run_until_complete(worker.run())
+
+
+def _statement_key(body: bytes, search_path: str | None) -> bytes:
+    """What names a statement: its Parse body, and the session's search_path if it set one."""
+    return body if search_path is None else body + b"\x00search_path=" + search_path.encode()

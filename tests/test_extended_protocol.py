@@ -509,6 +509,7 @@ def test_whole_groups_answer_as_postgres_does(one_backend):
             group("select $1::text as t, null::int as n", b"x", describe="S", oids=[TEXT]),
             group("select g from generate_series(1, $1::int) g", b"3", describe=None),
             group("select 1/0"),  # an error inside the group
+            group("select $1::int + 1"),  # a Bind that fails: the error names statement ""
             group("select * from no_such_table"),  # a Parse that fails
             [fe.encode_bind("", "", []), fe.encode_execute(), fe.SYNC],  # its statement is gone
             group("select 'after'"),
