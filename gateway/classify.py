@@ -15,6 +15,9 @@ pinning, Postgres's own parser on the texts the scan flags):
 - ``changes_logins``: may it change what a new session starts from (a role's
   password, LOGIN, defaults; a database's defaults; the server's configuration)?
   Logins then stop trusting what the workers and the pooler cached.
+- ``returns_no_rows``: can it never return rows (INSERT, UPDATE, DELETE without
+  RETURNING; COMMIT)? Then a prepared copy of it cannot fail under DDL with
+  "cached plan must not change result type".
 """
 
 from __future__ import annotations
@@ -296,6 +299,21 @@ def might_unpin(sql: bytes) -> bool:
     DEFAULT, roll back): worth asking the backend."""
     low = sql.lower()
     return any(word in low for word in _MIGHT_UNPIN)
+
+
+_ROWLESS_HEADS = frozenset((b"insert", b"update", b"delete"))
+_TRANSACTION_ENDS = frozenset((b"commit", b"end", b"rollback", b"abort"))
+
+
+def returns_no_rows(query: bytes) -> bool:
+    """True when ``query`` (one statement) can never return rows, whatever DDL happens:
+    Postgres's plan cache compares a prepared statement's result type at each use, and a
+    statement without one has nothing to compare. Errs towards False: a leading comment,
+    or ``returning`` anywhere in the text (even in a string), says it may."""
+    low = query.strip().lower()
+    if low[:6] in _ROWLESS_HEADS and low[6:7].isspace():
+        return b"returning" not in low
+    return low.rstrip(b"; \t\r\n") in _TRANSACTION_ENDS
 
 
 _CUSTOM_SET = re.compile(rb"(?:^|;)\s*(?:set|reset)\s+(?:session\s+|local\s+)?"

@@ -37,7 +37,7 @@ from .backend import (
     PORTAL_TAILS,
     whole_messages,
 )
-from .classify import PLAIN, effects
+from .classify import PLAIN, effects, returns_no_rows
 from .listen import ListenSession, ListenState
 from .login import Login
 from .pins import PinBook
@@ -429,8 +429,8 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             self.unnamed_token = token
             if (
                 type(kinds) is _UnnamedUnit
-                and link.status == "I"
                 and not link.queue
+                and link.status != "E"
                 and self._promote(link, data, parse_end, token)
             ):
                 return  # the backend's unnamed statement is not ours: unnamed_of stays
@@ -441,11 +441,14 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
     def _promote(self, link: BackendLink, data: bytes, parse_end: int, token: object) -> bool:
         """Run an unnamed statement seen before as the shared named statement of its text:
         skip its Parse on a backend that has it (answering ParseComplete here), or parse
-        it there under that name once. Outside a transaction block only, with nothing
-        else in flight on the backend, so that if DDL since made its cached plan stale,
-        the heal can prepare it again and send the unit again, and the client never sees
-        an error a statement of its own would not raise (as in _write_bound)."""
+        it there under that name once. With nothing else in flight on the backend, and
+        outside a transaction block unless the statement returns no rows: if DDL since
+        made the cached plan's result type stale, the heal prepares it again and sends
+        the unit again, which it cannot do once a transaction block is aborted, so the
+        client never sees an error a statement of its own would not raise."""
         body = data[6:parse_end]
+        if link.status != "I" and not returns_no_rows(body[: body.find(b"\x00")]):
+            return False
         own = self.settings.get("search_path")
         bname = self.worker.unnamed_statement_name(body, None if own is None else own[1])
         if bname is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.classify import might_unpin, pin_reason
+from gateway.classify import might_unpin, pin_reason, returns_no_rows
 
 PINS = {
     "create temp table t(x int)": "temp_table",
@@ -134,3 +134,22 @@ def test_statements_that_leave_logins_alone(sql: str) -> None:
     from gateway.classify import effects
 
     assert not effects(sql.encode()).logins
+
+
+@pytest.mark.parametrize("sql", [
+    "UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2",
+    "insert into t values ($1)", "  delete from t where id = $1", "END;", "commit", "ROLLBACK ;",
+    "insert into t values (1) on conflict (id) do update set v = excluded.v",
+])
+def test_statements_that_return_no_rows(sql: str) -> None:
+    assert returns_no_rows(sql.encode())
+
+
+@pytest.mark.parametrize("sql", [
+    "select 1", "insert into t values ($1) returning id", "UPDATE t SET v = 1 RETURNING *",
+    "delete from t returning 'x'", "with d as (delete from t returning *) select * from d",
+    "/* tag */ update t set v = 1", "insert", "values (1)", "show work_mem", "explain update t set v = 1",
+    "update t set note = 'returning' where id = $1",  # errs towards rows
+])
+def test_statements_that_may_return_rows(sql: str) -> None:
+    assert not returns_no_rows(sql.encode())

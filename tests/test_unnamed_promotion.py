@@ -137,3 +137,47 @@ def test_a_promoted_statement_stays_the_sessions_unnamed_statement(make_server):
         s.close()
         other.close()
         d.close()
+
+
+def test_inside_transactions_only_statements_without_rows_are_promoted(make_server):
+    """In a transaction block nothing can be sent again after an error, so only statements
+    whose result type cannot go stale (an UPDATE, an END) run as shared statements
+    there; a SELECT stays unnamed, and DDL between runs fails neither."""
+    srv = make_server("--pool-size", "1", "--workers", "1")
+    log = srv.home / "log" / "postgres.log"
+    with psycopg.connect(srv.direct_dsn(), autocommit=True) as admin:
+        admin.execute("drop table if exists promo_tx")
+        admin.execute("create table promo_tx(id int primary key, v int)")
+        admin.execute("insert into promo_tx values (1, 0), (2, 0)")
+        admin.execute("alter system set log_min_duration_statement = 0")
+        admin.execute("alter system set log_line_prefix = '[%p] '")
+        admin.execute("select pg_reload_conf()")
+    update = "update promo_tx set v = v + 1 where id = %s"
+    select = "select * from promo_tx where id = %s"
+    try:
+        time.sleep(1)
+        start = log.stat().st_size
+        with psycopg.connect(srv.dsn(), prepare_threshold=None, connect_timeout=10) as c:
+            for i in range(6):
+                if i == 3:
+                    with psycopg.connect(srv.direct_dsn(), autocommit=True) as admin:
+                        admin.execute("alter table promo_tx add column note text default 'n'")
+                with c.transaction():
+                    c.execute(update, (1,))
+                    row = c.execute(select, (1,)).fetchone()
+                    assert row == ((1, i + 1) if i < 3 else (1, i + 1, "n"))
+    finally:
+        with psycopg.connect(srv.direct_dsn(), autocommit=True) as admin:
+            admin.execute("alter system reset log_min_duration_statement")
+            admin.execute("select pg_reload_conf()")
+    with open(log, "rb") as f:
+        f.seek(start)
+        parses = _parses(f.read().decode(errors="replace"))
+    names = lambda sql: Counter({name: n for (_, name, q), n in parses.items()  # noqa: E731
+                                 if q.strip() == sql.replace("%s", "$1")})
+    assert names(select) == Counter({"<unnamed>": 6})
+    by_name = names(update)
+    # Seen once unnamed, then parsed once as its shared name (and again after the DDL
+    # only if Postgres itself decides to: it re-plans, it does not re-parse).
+    assert by_name["<unnamed>"] == 1 and len(by_name) == 2, by_name
+    assert all(n == 1 for name, n in by_name.items() if name.startswith("pgf_")), by_name
