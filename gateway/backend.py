@@ -530,11 +530,17 @@ class BackendLink(asyncio.Protocol):
     # -- cancel -----------------------------------------------------------------------------
     def _heal(self, head: Expect, payload: bytes) -> bool:
         """A shared statement's cached plan went stale under DDL ("cached plan must not
-        change result type"): a session that prepared it after the DDL would never see
+        change result type"), or the statement is gone from the backend behind our back
+        (a DEALLOCATE inside a DO block): a session that prepared it would never see
         that error from Postgres. If nothing before the Bind in this sync group ran and
         nothing is pipelined after its Sync, re-prepare it and send the group again."""
         fields = decode_backend(E, payload).fields
-        if fields.get("C") != "0A000" or "cached plan must not change" not in fields.get("M", ""):
+        code, message = fields.get("C"), fields.get("M", "")
+        if not (
+            (code == "0A000" and "cached plan must not change" in message)
+            or (code == "26000" and head.names is not None
+                and f'"{head.names[0].decode()}"' in message)
+        ):
             return False
         queue = self.queue
         if self.status != "I":

@@ -15,6 +15,7 @@ from dataclasses import replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+from ipc.statement_catalog import key_of_name
 from pgwire import backend as be
 from pgwire import frontend as fe
 from pgwire import sqlstate
@@ -74,8 +75,8 @@ class StatementBook:
         fx = effects(body[: cstr_end(body, 0)])
         if fx.pin is not None:
             return False
-        if self.sql_stmts and fx.prepared:
-            return False  # may need rewriting: take the full path
+        if fx.prepared:
+            return False  # may need rewriting or refusing: take the full path
         self._own_books()
         self.stmts[name] = (bname, msg(P, bname + b"\x00" + body))
         self.stmt_pins.pop(name, None)
@@ -125,6 +126,12 @@ class StatementBook:
             link.write(new[1])
             return
         if entry is None:
+            if key_of_name(cmd.name) is not None:
+                # A statement pgfleet made, shared by other sessions (pg_prepared_statements
+                # shows them): this session has no such statement, as in Postgres.
+                self._raise_in_query(link, sqlstate.UNDEFINED_PSTATEMENT,
+                                     _does_not_exist(cmd.name))
+                return
             # Not ours: Postgres answers (e.g. "does not exist") with the client's name.
             link.expect(K_QUERY)
             link.write(msg(Q, sql + b"\x00"))
@@ -192,6 +199,16 @@ class StatementBook:
         qe = cstr_end(body, 0)
         query = body[:qe]
         fx = effects(query)
+        if fx.prepared:
+            cmd = sql_prepare.parse(query)
+            if (cmd is not None and cmd.kind != "prepare" and cmd.name not in self.sql_stmts
+                    and key_of_name(cmd.name) is not None):
+                # EXECUTE or DEALLOCATE of another session's statement, as in _sql_prepared
+                # (Postgres would fail its Execute; the group fails here, the same way).
+                if not name:
+                    self.unnamed_parse = self.unnamed_token = None
+                self._synth_error(link, sqlstate.UNDEFINED_PSTATEMENT, _does_not_exist(cmd.name))
+                return
         prep = None
         if fx.pin == "sql_prepare":
             cmd = sql_prepare.parse(query)
@@ -354,6 +371,10 @@ class StatementBook:
         link.write(fe.encode_bind("", "", []))
         link.expect(K_EXEC, swallow=1)
         link.write(fe.encode_execute("", 0))
+
+
+def _does_not_exist(name: bytes) -> str:
+    return f'prepared statement "{name.decode("utf-8", "replace")}" does not exist'
 
 
 def _book(table: dict, name: bytes, value: object) -> None:

@@ -101,3 +101,44 @@ def test_sessions_on_other_search_paths_share_no_statement(make_server):
     finally:
         a.close()
         b.close()
+
+
+def test_shared_statements_are_not_another_sessions_to_use_or_drop(make_server):
+    """pg_prepared_statements shows a session the shared statements on its backend. In
+    Postgres a session has none of another's: EXECUTE or DEALLOCATE of one fails with
+    26000, so through pgfleet too (a DEALLOCATE that went through broke every other
+    session using it). A statement dropped behind pgfleet's back all the same (inside
+    a DO block) is prepared again, not lost."""
+    srv = make_server("--pool-size", "1", "--workers", "1")
+    sql = "select %s::int + 1"
+    a = psycopg.connect(srv.dsn(), autocommit=True, connect_timeout=10)
+    try:
+        assert a.execute(sql, (1,), prepare=True).fetchone() == (2,)
+        with RawClient(srv.port) as b, RawClient(f"{srv.socket_dir}/.s.PGSQL.5432") as d:
+            b.login_scram()
+            d.login_trust()
+            names = data_rows(b.query("select name from pg_prepared_statements"))
+            assert names and all(n[0].startswith(b"pgf_") for n in names)
+            shared = names[0][0].decode()
+            for stmt in (f"execute {shared}(5)", f"deallocate {shared}",
+                         f"DEALLOCATE PREPARE {shared.upper()}"):
+                for proto in ("simple", "extended"):
+                    if proto == "simple":
+                        msgs = [fe.encode_query(stmt)]
+                    else:
+                        msgs = [fe.encode_parse("", stmt), fe.encode_bind("", "", []),
+                                fe.encode_execute(), fe.SYNC]
+                    replies = []
+                    for c in (b, d):  # d: straight to Postgres, a session without it
+                        c.send(b"".join(msgs))
+                        replies.append([(e.sqlstate, e.message)
+                                        for e in errors_in(c.read_until_ready())])
+                    assert replies[0] == replies[1] == [
+                        ("26000", f'prepared statement "{shared}" does not exist')], (stmt, proto)
+            assert a.execute(sql, (2,), prepare=True).fetchone() == (3,)
+            b.send(fe.encode_query(f"do $$ begin execute 'deallocate {shared}'; end $$"))
+            assert not errors_in(b.read_until_ready())
+        for i in range(3):
+            assert a.execute(sql, (i,), prepare=True).fetchone() == (i + 1,)
+    finally:
+        a.close()
