@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psycopg
 
@@ -33,19 +35,37 @@ def _parses(log_text: str) -> Counter:
     return Counter(re.findall(r"\[(\d+)\] LOG:  duration: [\d.]+ ms  parse (\S+): (.*)", log_text))
 
 
-def test_repeated_unnamed_statements_are_parsed_once_per_backend(make_server):
-    srv = make_server("--pool-size", "2", "--workers", "2")
+@contextmanager
+def logged_parses(srv, *setup: str) -> Iterator[Counter]:
+    """Run ``setup`` straight on Postgres, then have it log every statement; the Counter
+    yielded holds, once the block is over, the Parses logged meanwhile (see _parses)."""
     log = srv.home / "log" / "postgres.log"
     with psycopg.connect(srv.direct_dsn(), autocommit=True) as admin:
-        admin.execute("drop table if exists promo_accounts")
-        admin.execute("create table promo_accounts(aid int primary key, abalance int)")
-        admin.execute("insert into promo_accounts select g, 0 from generate_series(1, 100) g")
+        for sql in setup:
+            admin.execute(sql)
         admin.execute("alter system set log_min_duration_statement = 0")
         admin.execute("alter system set log_line_prefix = '[%p] '")
         admin.execute("select pg_reload_conf()")
+    time.sleep(1)
+    start = log.stat().st_size
+    parses: Counter = Counter()
     try:
-        time.sleep(1)
-        start = log.stat().st_size
+        yield parses
+    finally:
+        with psycopg.connect(srv.direct_dsn(), autocommit=True) as admin:
+            admin.execute("alter system reset log_min_duration_statement")
+            admin.execute("select pg_reload_conf()")
+    with open(log, "rb") as f:
+        f.seek(start)
+        parses.update(_parses(f.read().decode(errors="replace")))
+
+
+def test_repeated_unnamed_statements_are_parsed_once_per_backend(make_server):
+    srv = make_server("--pool-size", "2", "--workers", "2")
+    with logged_parses(srv, "drop table if exists promo_accounts",
+                       "create table promo_accounts(aid int primary key, abalance int)",
+                       "insert into promo_accounts select g, 0 from generate_series(1, 100) g",
+                       ) as parses:
         # prepare_threshold=None: psycopg never prepares, every query is an unnamed unit.
         conns = [psycopg.connect(srv.dsn(), autocommit=True, prepare_threshold=None,
                                  connect_timeout=10) for _ in range(6)]
@@ -60,16 +80,9 @@ def test_repeated_unnamed_statements_are_parsed_once_per_backend(make_server):
         finally:
             for c in conns:
                 c.close()
-    finally:
-        with psycopg.connect(srv.direct_dsn(), autocommit=True) as admin:
-            admin.execute("alter system reset log_min_duration_statement")
-            admin.execute("select pg_reload_conf()")
-            # Every update ran: 2 per client per round, each on its own row's count.
-            assert admin.execute("select sum(abalance) from promo_accounts").fetchone() == (
-                2 * 20 * 6,)
-    with open(log, "rb") as f:
-        f.seek(start)
-        parses = _parses(f.read().decode(errors="replace"))
+    with psycopg.connect(srv.direct_dsn(), autocommit=True) as admin:
+        # Every update ran: 2 per client per round, each on its own row's count.
+        assert admin.execute("select sum(abalance) from promo_accounts").fetchone() == (2 * 20 * 6,)
     for text in TEXTS:
         sql = text.replace("%s", "$1")
         of_text = {(pid, name): n for (pid, name, q), n in parses.items() if q.strip() == sql}
@@ -144,19 +157,11 @@ def test_inside_transactions_only_statements_without_rows_are_promoted(make_serv
     whose result type cannot go stale (an UPDATE, an END) run as shared statements
     there; a SELECT stays unnamed, and DDL between runs fails neither."""
     srv = make_server("--pool-size", "1", "--workers", "1")
-    log = srv.home / "log" / "postgres.log"
-    with psycopg.connect(srv.direct_dsn(), autocommit=True) as admin:
-        admin.execute("drop table if exists promo_tx")
-        admin.execute("create table promo_tx(id int primary key, v int)")
-        admin.execute("insert into promo_tx values (1, 0), (2, 0)")
-        admin.execute("alter system set log_min_duration_statement = 0")
-        admin.execute("alter system set log_line_prefix = '[%p] '")
-        admin.execute("select pg_reload_conf()")
     update = "update promo_tx set v = v + 1 where id = %s"
     select = "select * from promo_tx where id = %s"
-    try:
-        time.sleep(1)
-        start = log.stat().st_size
+    with logged_parses(srv, "drop table if exists promo_tx",
+                       "create table promo_tx(id int primary key, v int)",
+                       "insert into promo_tx values (1, 0), (2, 0)") as parses:
         with psycopg.connect(srv.dsn(), prepare_threshold=None, connect_timeout=10) as c:
             for i in range(6):
                 if i == 3:
@@ -166,13 +171,6 @@ def test_inside_transactions_only_statements_without_rows_are_promoted(make_serv
                     c.execute(update, (1,))
                     row = c.execute(select, (1,)).fetchone()
                     assert row == ((1, i + 1) if i < 3 else (1, i + 1, "n"))
-    finally:
-        with psycopg.connect(srv.direct_dsn(), autocommit=True) as admin:
-            admin.execute("alter system reset log_min_duration_statement")
-            admin.execute("select pg_reload_conf()")
-    with open(log, "rb") as f:
-        f.seek(start)
-        parses = _parses(f.read().decode(errors="replace"))
     names = lambda sql: Counter({name: n for (_, name, q), n in parses.items()  # noqa: E731
                                  if q.strip() == sql.replace("%s", "$1")})
     assert names(select) == Counter({"<unnamed>": 6})
