@@ -3,8 +3,9 @@
 One parse per query across workers needs two facts every worker can read:
 
 * the **catalog**: statement fingerprint (the Parse body: query text and parameter
-  type OIDs, and the session's search_path when it set one, hashed) -> a small id.  The backend-side name is ``pgf_<id>``, so the
-  same text gets the same name in every worker;
+  type OIDs, and the session's search_path when it set one, hashed) -> a small id.
+  The backend-side name is ``pgf_<id>``, so the same text gets the same name in
+  every worker;
 * per **backend slot** (the pooler numbers its backends), the ids prepared on that
   backend, least recently used first.  A backend moves between workers with its
   lease, so what is prepared on it must travel with it.
