@@ -210,6 +210,10 @@ class BackendLink(asyncio.Protocol):
         # ALTER ROLE / DATABASE / SYSTEM or pg_reload_conf() ran in the open transaction:
         # once it ends, logins must read the catalogs again.
         self.logins_changed = False
+        # The session whose transactions ran here last, and whether the backend's
+        # sequence state (what currval() and lastval() answer) may be another's.
+        self.seq_owner: Session | None = None
+        self.seq_foreign = True
         self.manager = manager
         self.transport: asyncio.Transport | None = None
         self.framer = MessageFramer(frontend=False)

@@ -15,6 +15,8 @@ pinning, Postgres's own parser on the texts the scan flags):
 - ``changes_logins``: may it change what a new session starts from (a role's
   password, LOGIN, defaults; a database's defaults; the server's configuration)?
   Logins then stop trusting what the workers and the pooler cached.
+- ``Effects.sequences``: does it read the session's sequence state (currval(),
+  lastval()), which lives in whichever backend ran its nextval()?
 - ``returns_no_rows``: can it never return rows (INSERT, UPDATE, DELETE without
   RETURNING; COMMIT)? Then a prepared copy of it cannot fail under DDL with
   "cached plan must not change result type".
@@ -363,6 +365,8 @@ class Effects:
     vacates: tuple[str, ...] = ()
     # May change what a new session starts from (see changes_logins).
     logins: bool = False
+    # Reads the session's sequence state: currval() or lastval().
+    sequences: bool = False
 
 
 PLAIN = Effects()
@@ -370,7 +374,7 @@ PLAIN = Effects()
 _ANY_EFFECT = tuple(dict.fromkeys((
     b"set", b"prepare", b"listen", b"load", b"hold", b"temp", b"advisory", b"discard",
     b"execute", b"deallocate", b"database", b"role", b"user", b"group", b"system", b"reload",
-    *_MIGHT_UNPIN)))
+    b"currval", b"lastval", *_MIGHT_UNPIN)))
 # Lower-case, and every digit as 0, in one pass: texts that differ only in the values
 # of their numbers (most generated queries) share one shape. No keyword above has a
 # digit, so a shape without keywords comes from a text without them; and whether a
@@ -415,6 +419,7 @@ def _effects(sql: bytes) -> Effects:
         prepared=b"prepare" in low or b"execute" in low or b"deallocate" in low,
         vacates=vacated_databases(sql) if b"database" in low else (),
         logins=changes_logins(sql),
+        sequences=b"currval" in low or b"lastval" in low,
     )
     return PLAIN if fx == PLAIN else fx  # (callers test ``is PLAIN``)
 

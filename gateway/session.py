@@ -70,6 +70,7 @@ if TYPE_CHECKING:
     from .worker import Worker
 
 UNLISTEN_ALL = fe.encode_query("UNLISTEN *")
+DISCARD_SEQUENCES = fe.encode_query("DISCARD SEQUENCES")
 _GROUP_KINDS = frozenset(b"PBDES")
 _BOUND_KINDS = frozenset(b"BDES")
 # The only lengths an Execute or Describe of the unnamed portal or statement can have
@@ -114,7 +115,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         "unnamed_effects", "pending_resets", "pending_drop", "unnamed_pin", "setting_stmts",
         "unnamed_sets", "unnamed_token", "skip_until_sync", "unsynced", "slot", "paused_backend",
         "listen", "stmt_listen", "unnamed_listen", "portal_listen", "held", "ssl_done", "gss_done", "tls_in_use", "handshaking",
-        "tls_task", "corked", "stmt_prepares", "unnamed_prepare", "portal_prepare",
+        "tls_task", "corked", "stmt_prepares", "unnamed_prepare", "portal_prepare", "seq_user",
     )
 
     def __init__(self, worker: Worker) -> None:
@@ -200,6 +201,9 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         self.handshaking = False
         self.tls_task: asyncio.Task | None = None
         self.corked: list[bytes] | None = None
+        # The session read currval() or lastval(): the backends it takes hold no other
+        # session's sequence state (see _own_sequences).
+        self.seq_user = False
 
     # -- asyncio protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -719,6 +723,11 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
     def attach(self, link: BackendLink) -> None:
         self.link = link
         link.session = self
+        if link.seq_owner is not self:
+            link.seq_owner = self
+            link.seq_foreign = True
+            if self.seq_user:
+                self._own_sequences(link)
         if self.slot >= 0:
             self.worker.cancel_table.serve(self.slot, link.pid, link.secret)
         settings = self.settings
@@ -727,6 +736,25 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
                 self.worker.apply_settings(link, settings)
             else:
                 link.synced_with = settings  # both empty: nothing to send
+
+    def _own_sequences(self, link: BackendLink) -> None:
+        """Clear the sequence state another session left on the backend before this one
+        reads its own: currval() and lastval() answer from the backend, and would give
+        another session's values where Postgres gives the session's, or 55000 when it
+        called no nextval(). Its own state survives while it keeps using one backend
+        no one else used in between (the idle list is last in, first out)."""
+        link.seq_foreign = False
+        link.expect(K_QUERY, swallow=1)
+        link.write(DISCARD_SEQUENCES)
+
+    def _reads_sequences(self, link: BackendLink) -> None:
+        """A statement reads currval() or lastval(): from now on every backend this session
+        takes from another session is cleared of its sequence state; this one too if the
+        statement is the first the session runs on it (after that, the session's own
+        nextval() calls there would go with it)."""
+        self.seq_user = True
+        if link.seq_foreign and link.status == "I" and not link.queue:
+            self._own_sequences(link)
 
     def on_lease_failed(self, fields: dict[str, str]) -> None:
         """The pooler could not open a backend for us (e.g. the database is gone)."""
@@ -803,6 +831,9 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             and not link.dead
             and self.held is None
         ):
+            # The session has run a transaction here: what nextval() it called is in
+            # the backend's sequence state now, which a DISCARD would lose.
+            link.seq_foreign = False
             if link.logins_changed:
                 # Its transaction is over (committed or not): the next login anywhere
                 # reads the catalogs again, so it sees the new password, defaults or
@@ -867,6 +898,10 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         if self.skip_until_sync and mtype != S:
             return  # after an error Postgres ignores everything until Sync
         if mtype in EXTENDED:
+            if mtype == P and link.seq_foreign and not self.unsynced:
+                body = payload[cstr_end(payload, 0) + 1 :]
+                if effects(body[: cstr_end(body, 0)]).sequences:
+                    self._reads_sequences(link)  # before the group starts
             self.unsynced = True
         if mtype == Q:
             sql = payload[:-1]
@@ -877,6 +912,8 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
                 link.expect(K_QUERY)
                 link.write(raw)
                 return
+            if fx.sequences:
+                self._reads_sequences(link)
             cmd = sql_prepare.parse(sql) if fx.prepared else None
             if fx.vacates:
                 self.worker.vacate(fx.vacates)

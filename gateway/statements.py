@@ -75,6 +75,8 @@ class StatementBook:
         fx = effects(body[: cstr_end(body, 0)])
         if fx.pin is not None:
             return False
+        if fx.sequences:
+            self.seq_user = True  # its Bind takes a backend cleared of others' sequences
         if fx.prepared:
             return False  # may need rewriting or refusing: take the full path
         self._own_books()
@@ -199,6 +201,8 @@ class StatementBook:
         qe = cstr_end(body, 0)
         query = body[:qe]
         fx = effects(query)
+        if fx.sequences:
+            self.seq_user = True  # (the group's start was seen to in Session._forward)
         if fx.prepared:
             cmd = sql_prepare.parse(query)
             if (cmd is not None and cmd.kind != "prepare" and cmd.name not in self.sql_stmts

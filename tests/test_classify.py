@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.classify import might_unpin, pin_reason, returns_no_rows
+from gateway.classify import PLAIN, effects, might_unpin, pin_reason, returns_no_rows
 
 PINS = {
     "create temp table t(x int)": "temp_table",
@@ -153,3 +153,12 @@ def test_statements_that_return_no_rows(sql: str) -> None:
 ])
 def test_statements_that_may_return_rows(sql: str) -> None:
     assert not returns_no_rows(sql.encode())
+
+
+def test_statements_that_read_sequence_state() -> None:
+    for sql in (b"select lastval()", b"SELECT currval('s')", b"select currval($1::regclass)",
+                b"insert into t values (1); select LASTVAL()"):
+        assert effects(sql).sequences, sql
+    for sql in (b"select nextval('s')", b"insert into t(v) values ($1)", b"select 1"):
+        assert not effects(sql).sequences, sql
+    assert effects(b"select id from t where id = 5") is PLAIN

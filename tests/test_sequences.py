@@ -1,0 +1,110 @@
+"""currval() and lastval() through pgfleet: the session's own values, or Postgres's 55000.
+
+Sequence state lives in a backend: currval() and lastval() answer with the last
+nextval() that backend ran, and a session's transactions may run on different
+backends. With one backend shared by several sessions, these tests interleave their
+INSERTs into a serial column. pgfleet must never answer one session with another's
+value (a PHP lastInsertId() would link rows to someone else's); where the session's
+own value is not on the backend it gets what Postgres gives a session that has called
+no nextval() there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import psycopg
+import pytest
+
+from .conftest import PASSWORD
+
+
+@pytest.fixture(scope="module")
+def one_backend(make_module_server):
+    srv = make_module_server("--pool-size", "1", "--workers", "1", "--query-wait-timeout", "10")
+    with psycopg.connect(srv.direct_dsn(), autocommit=True) as admin:
+        admin.execute("drop table if exists seq_rows")
+        admin.execute("create table seq_rows(id serial primary key, who text)")
+    return srv
+
+
+def connect(srv) -> psycopg.Connection:
+    return psycopg.connect(srv.dsn(), autocommit=True, connect_timeout=10)
+
+
+def insert(conn: psycopg.Connection, who: str) -> int:
+    return conn.execute("insert into seq_rows(who) values (%s) returning id", (who,)).fetchone()[0]
+
+
+def not_defined(conn: psycopg.Connection, sql: str, *params: object) -> bool:
+    """True if ``sql`` fails as in a session that called no nextval()."""
+    try:
+        conn.execute(sql, params or None)
+    except psycopg.errors.ObjectNotInPrerequisiteState:
+        return True
+    return False
+
+
+def test_another_sessions_sequence_values_are_never_returned(one_backend):
+    a, b, fresh = connect(one_backend), connect(one_backend), connect(one_backend)
+    try:
+        insert(a, "a")
+        insert(b, "b")
+        # A session that never called nextval(): Postgres's own error, not b's id.
+        assert not_defined(fresh, "select lastval()")
+        assert not_defined(fresh, "select currval('seq_rows_id_seq')")
+        assert not_defined(fresh, "select currval(%s::regclass)", "seq_rows_id_seq")
+        # a's value is not on the backend any more (b's INSERT ran there since).
+        assert not_defined(a, "select lastval()")
+    finally:
+        for c in (a, b, fresh):
+            c.close()
+
+
+def test_a_sessions_own_values_are_returned(one_backend):
+    a, b = connect(one_backend), connect(one_backend)
+    try:
+        # In the transaction of the INSERT, as in Postgres.
+        with a.transaction():
+            mine = insert(a, "a")
+            assert a.execute("select lastval()").fetchone() == (mine,)
+            assert a.execute("select currval('seq_rows_id_seq')").fetchone() == (mine,)
+        # In the next transaction, nobody else having used the backend in between.
+        assert a.execute("select lastval()").fetchone() == (mine,)
+        for _ in range(3):
+            insert(b, "b")
+            mine = insert(a, "a")
+            # Its INSERT ran the backend's last nextval(): its value, as in Postgres.
+            assert a.execute("select lastval()").fetchone() == (mine,)
+            assert a.execute("select currval(%s::regclass)", ("seq_rows_id_seq",)).fetchone() == (
+                mine,)
+            insert(b, "b")
+            # b's INSERT ran there since: not b's value.
+            assert not_defined(a, "select lastval()")
+    finally:
+        a.close()
+        b.close()
+
+
+def test_named_statements_read_only_their_sessions_values(one_backend):
+    """asyncpg prepares every query as a named statement (parsed once, bound later)."""
+
+    async def main() -> None:
+        kw = dict(host="127.0.0.1", port=one_backend.port, user="postgres", password=PASSWORD,
+                  database="postgres", timeout=10)
+        a, b = await asyncpg.connect(**kw), await asyncpg.connect(**kw)
+        try:
+            ins = "insert into seq_rows(who) values ($1) returning id"
+            for _ in range(3):
+                await b.fetchval(ins, "b")
+                mine = await a.fetchval(ins, "a")
+                assert await a.fetchval("select lastval()") == mine
+                await b.fetchval(ins, "b")
+                with pytest.raises(asyncpg.ObjectNotInPrerequisiteStateError):
+                    await a.fetchval("select lastval()")
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
