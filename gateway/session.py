@@ -897,11 +897,9 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
     def _forward(self, link: BackendLink, mtype: int, payload: bytes, raw: bytes) -> None:
         if self.skip_until_sync and mtype != S:
             return  # after an error Postgres ignores everything until Sync
+        starts_group = False
         if mtype in EXTENDED:
-            if mtype == P and link.seq_foreign and not self.unsynced:
-                body = payload[cstr_end(payload, 0) + 1 :]
-                if effects(body[: cstr_end(body, 0)]).sequences:
-                    self._reads_sequences(link)  # before the group starts
+            starts_group = not self.unsynced
             self.unsynced = True
         if mtype == Q:
             sql = payload[:-1]
@@ -944,7 +942,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
 
                 query_entry.on_done = dropped
         elif mtype == P:
-            self._parse(link, payload, raw)
+            self._parse(link, payload, raw, starts_group)
         elif mtype == B:
             pe = cstr_end(payload, 0)
             se = cstr_end(payload, pe + 1)

@@ -184,7 +184,8 @@ class StatementBook:
         link.prepared.clear()
         link.unnamed_of = None
 
-    def _parse(self, link: BackendLink, payload: bytes, raw: bytes) -> None:
+    def _parse(self, link: BackendLink, payload: bytes, raw: bytes, starts_group: bool) -> None:
+        """A client's Parse (``starts_group``: the first message since its last Sync)."""
         self._own_books()
         ne = cstr_end(payload, 0)
         name = payload[:ne]
@@ -202,7 +203,10 @@ class StatementBook:
         query = body[:qe]
         fx = effects(query)
         if fx.sequences:
-            self.seq_user = True  # (the group's start was seen to in Session._forward)
+            if starts_group:
+                self._reads_sequences(link)  # before anything of the group is written
+            else:
+                self.seq_user = True
         if fx.prepared:
             cmd = sql_prepare.parse(query)
             if (cmd is not None and cmd.kind != "prepare" and cmd.name not in self.sql_stmts
