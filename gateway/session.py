@@ -453,12 +453,11 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         body = data[6:parse_end]
         if link.status != "I" and not returns_no_rows(body[: body.find(b"\x00")]):
             return False
-        own = self.settings.get("search_path")
-        bname = self.worker.unnamed_statement_name(body, None if own is None else own[1])
-        if bname is None:
+        promoted = self.worker.promoted_statement(body, self._own_search_path())
+        if promoted is None:
             return False
+        bname, parse = promoted
         bind_end = parse_end + 1 + int.from_bytes(data[parse_end + 1 : parse_end + 5], "big")
-        parse = msg(P, bname + b"\x00" + body)
         if bname in link.prepared:
             link.prepared.touch(bname)
             link.lead(be.PARSE_COMPLETE)

@@ -54,10 +54,15 @@ class StatementBook:
             self.stmt_listen = {}
             self.stmt_prepares = {}
 
+    def _own_search_path(self) -> str | None:
+        """The search_path the session set (None: the backend's default), which names its
+        shared statements together with their text (Worker.statement_name)."""
+        own = self.settings.get("search_path")
+        return None if own is None else own[1]
+
     def _statement_name(self, body: bytes) -> bytes:
         """The shared backend name of a Parse body, under the session's search_path."""
-        own = self.settings.get("search_path")
-        return self.worker.statement_name(body, None if own is None else own[1])
+        return self.worker.statement_name(body, self._own_search_path())
 
     def _parse_known(self, payload: bytes) -> bool:
         """Answer a named Parse without a backend when this worker has already parsed the
@@ -207,10 +212,11 @@ class StatementBook:
                 self._reads_sequences(link)  # before anything of the group is written
             else:
                 self.seq_user = True
-        if fx.prepared:
-            cmd = sql_prepare.parse(query)
-            if (cmd is not None and cmd.kind != "prepare" and cmd.name not in self.sql_stmts
-                    and key_of_name(cmd.name) is not None):
+        # PREPARE/EXECUTE/DEALLOCATE sent through Parse (read once; ``query`` is only
+        # rewritten below for a PREPARE, which the EXECUTE/DEALLOCATE branches skip).
+        cmd = sql_prepare.parse(query) if fx.prepared else None
+        if cmd is not None and cmd.kind != "prepare":
+            if cmd.name not in self.sql_stmts and key_of_name(cmd.name) is not None:
                 # EXECUTE or DEALLOCATE of another session's statement, as in _sql_prepared
                 # (Postgres would fail its Execute; the group fails here, the same way).
                 if not name:
@@ -219,7 +225,6 @@ class StatementBook:
                 return
         prep = None
         if fx.pin == "sql_prepare":
-            cmd = sql_prepare.parse(query)
             if cmd is not None and cmd.kind == "prepare":
                 # SQL PREPARE through the extended protocol (JDBC's Statement.execute):
                 # renamed for this session and booked once its Execute works, as the
@@ -245,9 +250,8 @@ class StatementBook:
             self.unnamed_listen = fx.listen
             self.unnamed_pin = fx.pin
         dep: bytes | None = None
-        if self.sql_stmts and fx.prepared:
-            cmd = sql_prepare.parse(query)
-            if cmd is not None and cmd.kind != "prepare" and cmd.name in self.sql_stmts:
+        if self.sql_stmts and cmd is not None:
+            if cmd.kind != "prepare" and cmd.name in self.sql_stmts:
                 # EXECUTE/DEALLOCATE of our SQL statement, sent through Parse (psycopg does).
                 bname = self._ensure_sql_prepared_extended(link, cmd.name)
                 query = query[: cmd.start] + bname + query[cmd.end :]

@@ -30,6 +30,7 @@ from .backend import K_QUERY, BackendLink
 from .leases import LeaseManager
 from .listen import Listeners
 from .login import LoginDeadlines, StartupFacts
+from .protocol import P, msg
 from .role_facts import RoleFacts
 from .session import Session
 
@@ -156,8 +157,10 @@ class Worker:
         # Parse body (and search_path) -> backend name, so the shared catalog is
         # consulted once per text.
         self._statement_names: dict[bytes, bytes] = {}
-        # Hashes of unnamed statements' texts seen once (see unnamed_statement_name).
+        # Hashes of unnamed statements' texts seen once, and the promoted ones' shared
+        # name and Parse under it (see promoted_statement).
         self._unnamed_seen: set[int] = set()
+        self._promoted: dict[bytes, tuple[bytes, bytes]] = {}
         # Hash-named statements (catalog full) that parsed successfully here.
         self._known_hashed: set[bytes] = set()
         self.catalog = StatementCatalog.attach(cfg.statement_catalog_name)
@@ -318,24 +321,33 @@ class Worker:
         name = self._statement_names.get(key)
         return self._name_statement(key) if name is None else name
 
-    def unnamed_statement_name(self, body: bytes, search_path: str | None) -> bytes | None:
-        """The shared backend name for an unnamed statement's Parse body once this worker
-        has seen the text before (None the first time). Drivers send their queries as
-        unnamed statements, Postgres parses each one again, and repeated texts are most
-        of them: run as a shared named statement, each backend parses them once. A text
-        seen once is left alone, so one-off queries do not fill the catalog."""
+    def promoted_statement(self, body: bytes, search_path: str | None
+                           ) -> tuple[bytes, bytes] | None:
+        """The shared backend name for an unnamed statement's Parse body, and the Parse
+        under that name (kept: it is sent once per backend, and kept for the heal on every
+        run), once this worker has seen the text before (None the first time). Drivers
+        send their queries as unnamed statements, Postgres parses each one again, and
+        repeated texts are most of them: run as a shared named statement, each backend
+        parses them once. A text seen once is left alone, so one-off queries do not fill
+        the catalog."""
         key = _statement_key(body, search_path)
+        promoted = self._promoted.get(key)
+        if promoted is not None:
+            return promoted
         name = self._statement_names.get(key)
-        if name is not None:
-            return name
-        seen = self._unnamed_seen
-        h = hash(key)
-        if h in seen:
-            return self._name_statement(key)
-        if len(seen) >= STATEMENT_NAMES_MAX:
-            seen.clear()
-        seen.add(h)
-        return None
+        if name is None:
+            seen = self._unnamed_seen
+            h = hash(key)
+            if h not in seen:
+                if len(seen) >= STATEMENT_NAMES_MAX:
+                    seen.clear()
+                seen.add(h)
+                return None
+            name = self._name_statement(key)
+        if len(self._promoted) >= STATEMENT_NAMES_MAX:
+            self._promoted.clear()
+        promoted = self._promoted[key] = (name, msg(P, name + b"\x00" + body))
+        return promoted
 
     def _name_statement(self, key: bytes) -> bytes:
         if len(self._statement_names) >= STATEMENT_NAMES_MAX:
