@@ -88,6 +88,7 @@ NO_NAMES: frozenset = frozenset()
 # idle sessions never do, and an empty list is 56 bytes each (Session._queue makes one).
 NO_PENDING: tuple = ()
 QUERY_ONLY = (BARE[K_QUERY],)
+SSL_REQUEST = fe.encode_ssl_request()
 
 
 class _UnnamedUnit(tuple):
@@ -212,6 +213,8 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         self.login = Login(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.phase == CLOSED:
+            return  # close() ended the session already; this is the transport's echo
         self.phase = CLOSED
         self.worker.sessions.pop(self, None)
         if self.login is not None:
@@ -255,6 +258,9 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             and not self.framer.buffered()
         ):
             link = self.link
+            if data == fe.TERMINATE and link is None:
+                self.close()  # (-C: the last of a short session)
+                return
             # Held (a transaction, a pinned session): the backend is ours already, unless
             # extended messages wait for their Sync or COPY is under way.
             if link is None or (not self.unsynced and not link.copy_in and not link.dead):
@@ -536,13 +542,15 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             self.uncork()
         if self.transport is not None:
             self.transport.close()
-        if self.phase != CLOSED:
-            self.connection_lost(None)
+        self.connection_lost(None)
 
     # -- startup ----------------------------------------------------------------------------
 
     def _startup_data(self, data: bytes) -> None:
         sf = self.startup_framer
+        if sf is None and data == SSL_REQUEST and not self.handshaking:
+            self._encryption_request(True)  # libpq's first packet unless sslmode=disable
+            return
         if sf is None or not sf.buffered():
             # The usual read: one whole startup packet, byte for byte one seen before.
             facts = self.worker.startups.get(data)
@@ -574,10 +582,9 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
                 if task is None:
                     self.close()
                 else:
-                    self.phase = CLOSED  # nothing more is read from this connection
                     transport = self.transport
                     task.add_done_callback(lambda _t, tr=transport: tr.close())
-                    self.connection_lost(None)
+                    self.connection_lost(None)  # nothing more is read from this connection
                 return
             rest = sf.remaining()
             self.startup_framer = None
