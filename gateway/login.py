@@ -180,8 +180,32 @@ class Login:
     def start(self, startup: fe.StartupMessage | StartupFacts, packet: bytes | None = None) -> None:
         """Log in with a decoded StartupMessage (``packet``: its bytes, to remember
         what it asks for) or with the facts of a packet seen before."""
+        if type(startup) is StartupFacts and self._at_once(startup):
+            return
         self._coro = self._run(startup, packet)
         self._step()
+
+    def _at_once(self, facts: StartupFacts) -> bool:
+        """A login with nothing to wait for (trust, and this worker knows the role's
+        facts and the status report): done here, without the coroutine, as most
+        logins of an application that connects per request are. False: it waits."""
+        worker = self.worker
+        if worker.cfg.auth != "trust":
+            return False
+        status = worker.status_cache.get(facts.status_key)
+        info = worker.role_facts.get(facts.user, facts.database) if status is not None else None
+        if info is None:
+            return False
+        try:
+            self._adopt(facts)
+            self._trust(facts.user, info)
+            self._authorize(facts.user, facts.database, info)
+        except LoginFailed as exc:
+            self._refused(facts.user)
+            self.session.fatal(exc.code, exc.message, exc.detail)
+            return True
+        self._done(status)
+        return True
 
     def wake(self) -> None:
         """Bytes arrived from the client: resume a login waiting for a message."""
@@ -246,33 +270,23 @@ class Login:
         except Exception as exc:  # the pooler vanished, etc.: fail this client only
             s.fatal(sqlstate.CONNECTION_FAILURE, f"pgfleet could not log you in: {exc}")
             return
+        self._done(status)
+
+    def _done(self, status: dict[str, str]) -> None:
         self.worker.login_deadlines.started.pop(self, None)
-        if s.phase != 3:
-            s.ready(status)
+        if self.session.phase != 3:
+            self.session.ready(status)
 
     async def _login(self, startup: fe.StartupMessage | StartupFacts,
                      packet: bytes | None) -> dict[str, str]:
-        s = self.session
         if type(startup) is StartupFacts:
             facts = startup
         else:
             facts = read_startup(self.worker, startup)
             if packet is not None:
                 self.worker.remember_startup(packet, facts)
-        if facts.negotiate is not None:
-            s.write_client(facts.negotiate)
+        self._adopt(facts)
         user, database = facts.user, facts.database
-        s.user, s.database, s.key = user, database, facts.key
-        s.settings = s.startup_settings = facts.settings
-        s.custom_names = facts.custom_names
-
-        if self.worker.cfg.auth == "password" and not s.tls_in_use:
-            # Cleartext passwords only travel encrypted: as a pg_hba.conf with hostssl only.
-            raise LoginFailed(
-                sqlstate.INVALID_AUTHORIZATION_SPECIFICATION,
-                f'no pg_hba.conf entry for host "{self._client_host()}", user "{user}", '
-                f'database "{database}", no encryption',
-            )
         cache_key = facts.status_key
         # Role/database defaults may change while we wait; then what we learn is stale.
         gen = self.worker.defaults_gen
@@ -287,12 +301,10 @@ class Login:
                 raise LoginFailed(sqlstate.CANNOT_CONNECT_NOW, str(info["error"]))
             worker.role_facts.remember(user, database, asked_at, info)
         try:
-            await self._check(user, database, info)
+            await self._authenticate(user, info)
+            self._authorize(user, database, info)
         except LoginFailed:
-            # What we know of this role may be stale: refetch it for the next login,
-            # here and (through the pooler's epoch) in every worker.
-            worker.role_facts.forget(user)
-            worker.pooler.invalidate(user)
+            self._refused(user)
             raise
         status = worker.status_cache.get(cache_key)
         if status is not None:
@@ -309,10 +321,32 @@ class Login:
             self.worker.remember_status(cache_key, status)
         return status
 
-    async def _check(self, user: str, database: str, info: dict) -> None:
-        """Authenticate, then the checks Postgres makes after authentication."""
+    def _adopt(self, facts: StartupFacts) -> None:
+        """The session takes what its startup packet asks for."""
         s = self.session
-        await self._authenticate(user, info)
+        if facts.negotiate is not None:
+            s.write_client(facts.negotiate)
+        user, database = facts.user, facts.database
+        s.user, s.database, s.key = user, database, facts.key
+        s.settings = s.startup_settings = facts.settings
+        s.custom_names = facts.custom_names
+        if self.worker.cfg.auth == "password" and not s.tls_in_use:
+            # Cleartext passwords only travel encrypted: as a pg_hba.conf with hostssl only.
+            raise LoginFailed(
+                sqlstate.INVALID_AUTHORIZATION_SPECIFICATION,
+                f'no pg_hba.conf entry for host "{self._client_host()}", user "{user}", '
+                f'database "{database}", no encryption',
+            )
+
+    def _refused(self, user: str) -> None:
+        """What we know of this role may be stale: refetch it for the next login, here
+        and (through the pooler's epoch) in every worker."""
+        self.worker.role_facts.forget(user)
+        self.worker.pooler.invalidate(user)
+
+    def _authorize(self, user: str, database: str, info: dict) -> None:
+        """Authenticated: AuthenticationOk, then the checks Postgres makes after it."""
+        s = self.session
         s.cork()  # AuthenticationOk travels with the status report (or the error)
         s.write_client(be.encode_auth_ok())
         if not info["can_login"]:
@@ -334,13 +368,17 @@ class Login:
                 "User does not have CONNECT privilege.",
             )
 
+    @staticmethod
+    def _trust(user: str, info: dict) -> None:
+        if not info["role_exists"]:
+            raise LoginFailed(
+                sqlstate.INVALID_AUTHORIZATION_SPECIFICATION, f'role "{user}" does not exist'
+            )
+
     async def _authenticate(self, user: str, info: dict) -> None:
         method = self.worker.cfg.auth
         if method == "trust":
-            if not info["role_exists"]:
-                raise LoginFailed(
-                    sqlstate.INVALID_AUTHORIZATION_SPECIFICATION, f'role "{user}" does not exist'
-                )
+            self._trust(user, info)
             return
         stored = info["password"] if info["role_exists"] and not info["expired"] else None
         ok = False
