@@ -214,6 +214,10 @@ class BackendLink(asyncio.Protocol):
         # sequence state (what currval() and lastval() answer) may be another's.
         self.seq_owner: Session | None = None
         self.seq_foreign = True
+        # An INSERT of seq_owner's ran here (and, most likely, nextval() for a serial
+        # column): the idle backend is kept for that session while others have a choice
+        # (LeaseManager._take), so its currval() and lastval() find the value.
+        self.seq_fresh = False
         self.manager = manager
         self.transport: asyncio.Transport | None = None
         self.framer = MessageFramer(frontend=False)
@@ -320,6 +324,8 @@ class BackendLink(asyncio.Protocol):
 
     # -- replies ----------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        if b"INSERT 0 " in data:  # (a CommandComplete tag; a row that says so does no harm)
+            self.seq_fresh = True
         if (
             self.queue
             and data[-6:-1] == _Z_HEAD

@@ -62,22 +62,18 @@ class LeaseManager:
     def acquire(self, key: Key, session: Session) -> BackendLink | None:
         """A link for ``key`` now, or None and ``session.on_link`` is called later."""
         links = self.idle.get(key)
-        while links:
-            link = links.pop()
-            if not link.dead:
+        if links:
+            link = _take(links, session)
+            if link is not None:
                 return link
         self.waiters.setdefault(key, deque()).append(session)
         self._request(key)
         return None
 
-    def take_idle(self, key: Key) -> BackendLink | None:
+    def take_idle(self, key: Key, session: Session) -> BackendLink | None:
         """An idle link for ``key`` if there is one (never queues the caller)."""
         links = self.idle.get(key)
-        while links:
-            link = links.pop()
-            if not link.dead:
-                return link
-        return None
+        return _take(links, session) if links else None
 
     def cancel_wait(self, key: Key, session: Session) -> None:
         q = self.waiters.get(key)
@@ -418,3 +414,33 @@ def _unsynced(link: BackendLink) -> bool:
         if e.kind != K_QUERY:
             return True
     return False
+
+
+def _take(links: list[BackendLink], session: Session) -> BackendLink | None:
+    """The idle link ``session`` should have: the one its INSERT left its sequence state
+    on, if it is idle here; else the newest (last in, first out: the fewest backends
+    stay busy) that holds no other connected session's; else the newest. A session's
+    autocommit INSERT and the lastval() after it so run on one backend whenever another
+    idle one can serve everybody else; under contention the value may be gone, and
+    the session then gets 55000 (Session._own_sequences), never another's value."""
+    own = session.last_link
+    if own is not None and own.seq_fresh and own.seq_owner is session and own.session is None:
+        if links[-1] is own:
+            return links.pop()
+        if own in links:
+            links.remove(own)
+            return own
+    while links:
+        link = links[-1]
+        if link.dead:
+            links.pop()
+            continue
+        if not link.seq_fresh:
+            return links.pop()
+        for i in range(len(links) - 2, -1, -1):
+            other = links[i]
+            if not other.seq_fresh and not other.dead:
+                del links[i]
+                return other
+        return links.pop()
+    return None

@@ -117,6 +117,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         "unnamed_sets", "unnamed_token", "skip_until_sync", "unsynced", "slot", "paused_backend",
         "listen", "stmt_listen", "unnamed_listen", "portal_listen", "held", "ssl_done", "gss_done", "tls_in_use", "handshaking",
         "tls_task", "corked", "stmt_prepares", "unnamed_prepare", "portal_prepare", "seq_user",
+        "last_link",
     )
 
     def __init__(self, worker: Worker) -> None:
@@ -205,6 +206,9 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         # The session read currval() or lastval(): the backends it takes hold no other
         # session's sequence state (see _own_sequences).
         self.seq_user = False
+        # The backend the session last released (LeaseManager._take gives it back to it
+        # when the session's INSERT left its sequence state there).
+        self.last_link: BackendLink | None = None
 
     # -- asyncio protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -233,6 +237,11 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         if self.slot >= 0:
             self.worker.release_slot(self.slot)
             self.slot = -1
+        last = self.last_link
+        if last is not None:
+            self.last_link = None
+            if last.seq_owner is self:
+                last.seq_fresh = False  # nobody is left to read that state
 
     def pause_writing(self) -> None:
         # The client reads slower than the backend sends: stop reading the backend.
@@ -405,7 +414,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
     def _send_whole(self, data: bytes, kinds: Sequence[Expect] | bytes) -> None:
         """Send a plain unit on an idle backend at hand, or queue it whole until one
         comes: either way it is booked and written once, never cut into messages."""
-        link = self.worker.leases.take_idle(self.key)
+        link = self.worker.leases.take_idle(self.key, self)
         if link is not None:
             self.attach(link)
             self._write_whole(link, data, kinds)
@@ -732,6 +741,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         if link.seq_owner is not self:
             link.seq_owner = self
             link.seq_foreign = True
+            link.seq_fresh = False
             if self.seq_user:
                 self._own_sequences(link)
         if self.slot >= 0:
@@ -869,6 +879,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         link = self.link
         self.link = None
         if link is not None:
+            self.last_link = link
             link.session = None
             if self.paused_backend and link.transport is not None:
                 link.transport.resume_reading()

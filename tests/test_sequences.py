@@ -108,3 +108,41 @@ def test_named_statements_read_only_their_sessions_values(one_backend):
             await b.close()
 
     asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def two_backends(make_module_server):
+    srv = make_module_server("--pool-size", "2", "--workers", "1", "--query-wait-timeout", "10")
+    with psycopg.connect(srv.direct_dsn(), autocommit=True) as admin:
+        admin.execute("drop table if exists seq_rows")
+        admin.execute("create table seq_rows(id serial primary key, who text)")
+    return srv
+
+
+def test_an_insert_and_the_lastval_after_it_share_a_backend(two_backends):
+    """Two sessions take turns with autocommit INSERTs and lastval() (PHP's
+    lastInsertId(), Doctrine's identity columns): with a second backend idle, each
+    session's INSERT leaves its backend to it, so its lastval() and currval() find its
+    own value, as in Postgres, instead of 55000."""
+    a, b = connect(two_backends), connect(two_backends)
+    simple = psycopg.ClientCursor(a)  # the simple query protocol
+    try:
+        with a.transaction(), b.transaction():  # both backends open, both idle after
+            a.execute("select 1")
+            b.execute("select 1")
+        for _ in range(3):
+            mine_a = insert(a, "a")
+            mine_b = insert(b, "b")
+            assert a.execute("select lastval()").fetchone() == (mine_a,)
+            assert b.execute("select lastval()").fetchone() == (mine_b,)
+            assert a.execute("select currval('seq_rows_id_seq')").fetchone() == (mine_a,)
+            # Another statement in between keeps the backend the session's too.
+            assert b.execute("select count(*) > 0 from seq_rows").fetchone() == (True,)
+            assert b.execute("select currval('seq_rows_id_seq')").fetchone() == (mine_b,)
+            simple.execute("insert into seq_rows(who) values ('a')")
+            insert(b, "b")
+            simple.execute("select who from seq_rows where id = lastval()")
+            assert simple.fetchone() == ("a",)
+    finally:
+        a.close()
+        b.close()
