@@ -424,7 +424,8 @@ def _take(links: list[BackendLink], session: Session) -> BackendLink | None:
     idle one can serve everybody else; under contention the value may be gone, and
     the session then gets 55000 (Session._own_sequences), never another's value."""
     own = session.last_link
-    if own is not None and own.seq_fresh and own.seq_owner is session and own.session is None:
+    if (own is not None and own.seq_fresh and own.seq_owner is session and own.session is None
+            and not own.dead):
         if links[-1] is own:
             return links.pop()
         if own in links:

@@ -20,13 +20,23 @@ import pytest
 from .conftest import PASSWORD
 
 
-@pytest.fixture(scope="module")
-def one_backend(make_module_server):
-    srv = make_module_server("--pool-size", "1", "--workers", "1", "--query-wait-timeout", "10")
+def _server_with_serial_table(make_server, backends: int):
+    """One worker (the sessions share its backends) and a table with a serial column."""
+    srv = make_server("--pool-size", str(backends), "--workers", "1", "--query-wait-timeout", "10")
     with psycopg.connect(srv.direct_dsn(), autocommit=True) as admin:
         admin.execute("drop table if exists seq_rows")
         admin.execute("create table seq_rows(id serial primary key, who text)")
     return srv
+
+
+@pytest.fixture(scope="module")
+def one_backend(make_module_server):
+    return _server_with_serial_table(make_module_server, 1)
+
+
+@pytest.fixture(scope="module")
+def two_backends(make_module_server):
+    return _server_with_serial_table(make_module_server, 2)
 
 
 def connect(srv) -> psycopg.Connection:
@@ -108,15 +118,6 @@ def test_named_statements_read_only_their_sessions_values(one_backend):
             await b.close()
 
     asyncio.run(main())
-
-
-@pytest.fixture(scope="module")
-def two_backends(make_module_server):
-    srv = make_module_server("--pool-size", "2", "--workers", "1", "--query-wait-timeout", "10")
-    with psycopg.connect(srv.direct_dsn(), autocommit=True) as admin:
-        admin.execute("drop table if exists seq_rows")
-        admin.execute("create table seq_rows(id serial primary key, who text)")
-    return srv
 
 
 def test_an_insert_and_the_lastval_after_it_share_a_backend(two_backends):
