@@ -218,6 +218,11 @@ class BackendLink(asyncio.Protocol):
         # column): the idle backend is kept for that session while others have a choice
         # (LeaseManager._take), so its currval() and lastval() find the value.
         self.seq_fresh = False
+        # The last transaction here ran an INSERT (cleared when the session is done with
+        # it), and the timer of a short hold for a session that reads sequence state
+        # (Session._maybe_release).
+        self.inserted = False
+        self.seq_hold: asyncio.TimerHandle | None = None
         self.manager = manager
         self.transport: asyncio.Transport | None = None
         self.framer = MessageFramer(frontend=False)
@@ -325,7 +330,7 @@ class BackendLink(asyncio.Protocol):
     # -- replies ----------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         if b"INSERT 0 " in data:  # (a CommandComplete tag; a row that says so does no harm)
-            self.seq_fresh = True
+            self.seq_fresh = self.inserted = True
         if (
             self.queue
             and data[-6:-1] == _Z_HEAD

@@ -88,6 +88,9 @@ NO_NAMES: frozenset = frozenset()
 # idle sessions never do, and an empty list is 56 bytes each (Session._queue makes one).
 NO_PENDING: tuple = ()
 QUERY_ONLY = (BARE[K_QUERY],)
+# Seconds a backend stays with a session that reads sequence state after its INSERT:
+# time for the lastval() that usually follows.
+SEQ_HOLD = 0.1
 SSL_REQUEST = fe.encode_ssl_request()
 
 
@@ -230,6 +233,9 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         link = self.link
         if link is not None:
             self.link = None
+            if link.seq_hold is not None:
+                link.seq_hold.cancel()
+                link.seq_hold = None
             # Settings changed but not yet re-read, or pinned state: reset before reuse.
             self.worker.leases.abandon(
                 link, dirty=bool(self.pins) or self.settings_dirty or link.listened
@@ -741,7 +747,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         if link.seq_owner is not self:
             link.seq_owner = self
             link.seq_foreign = True
-            link.seq_fresh = False
+            link.seq_fresh = link.inserted = False
             if self.seq_user:
                 self._own_sequences(link)
         if self.slot >= 0:
@@ -872,8 +878,27 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
                 self._reread_settings(link)
                 link.flush()
                 return
+            inserted, link.inserted = link.inserted, False
+            held, link.seq_hold = link.seq_hold, None
+            if held is not None:
+                held.cancel()
+            elif inserted and self.seq_user:
+                # The session reads sequence state, and its lastval() most likely comes
+                # next: the backend stays with it a moment, not to be handed to a waiting
+                # session or taken from the idle list meanwhile (once in a row: a loop
+                # of INSERTs does not keep it from the others).
+                link.seq_hold = self.worker.loop.call_later(SEQ_HOLD, self._end_seq_hold, link)
+                return
             self.detach()
             self.worker.leases.put_back(link)
+
+    def _end_seq_hold(self, link: BackendLink) -> None:
+        """No statement came in SEQ_HOLD: the backend goes to the sessions waiting."""
+        if self.link is link and not link.queue:
+            link.seq_hold = None
+            self._maybe_release(link)
+        # (A statement of the session's is running: the spent handle stays, so that
+        # the backend goes back when it ends, not held again.)
 
     def detach(self) -> None:
         link = self.link

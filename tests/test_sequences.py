@@ -12,6 +12,7 @@ no nextval() there.
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import asyncpg
 import psycopg
@@ -144,6 +145,40 @@ def test_an_insert_and_the_lastval_after_it_share_a_backend(two_backends):
             insert(b, "b")
             simple.execute("select who from seq_rows where id = lastval()")
             assert simple.fetchone() == ("a",)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_session_that_reads_lastval_keeps_its_backend_until_it_does(one_backend):
+    """With every backend taken and others waiting, the backend freed by an INSERT would
+    go to a waiting session at once: a session known to read sequence state keeps it for
+    its next statement (briefly: if none comes, the others get it)."""
+    a, b = connect(one_backend), connect(one_backend)
+    try:
+        insert(a, "a")
+        assert a.execute("select lastval()").fetchone()[0] > 0  # a reads sequence state
+        b_done = threading.Event()
+
+        def b_query() -> None:
+            assert b.execute("select 1").fetchone() == (1,)
+            b_done.set()
+
+        for _ in range(3):
+            # b asks for the only backend while a's INSERT runs on it.
+            waiter = threading.Timer(0.15, b_query)
+            waiter.start()
+            mine = a.execute(
+                "insert into seq_rows(who) select 'a' from pg_sleep(0.4) returning id"
+            ).fetchone()[0]
+            assert a.execute("select lastval()").fetchone() == (mine,)
+            waiter.join(10)
+            assert b_done.wait(10)
+            b_done.clear()
+        # An INSERT with nothing after it: the backend goes to b all the same.
+        insert(a, "a")
+        b_query()
+        assert b_done.is_set()
     finally:
         a.close()
         b.close()
