@@ -764,7 +764,8 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         reads its own: currval() and lastval() answer from the backend, and would give
         another session's values where Postgres gives the session's, or 55000 when it
         called no nextval(). Its own state survives while it keeps using one backend
-        no one else used in between (the idle list is last in, first out)."""
+        no one else used in between (LeaseManager._take and SEQ_HOLD see to that after
+        its INSERTs)."""
         link.seq_foreign = False
         link.expect(K_QUERY, swallow=1)
         link.write(DISCARD_SEQUENCES)
@@ -893,7 +894,8 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             self.worker.leases.put_back(link)
 
     def _end_seq_hold(self, link: BackendLink) -> None:
-        """No statement came in SEQ_HOLD: the backend goes to the sessions waiting."""
+        """No statement came in SEQ_HOLD: the backend goes to a waiting session or back
+        to the idle list."""
         if self.link is link and not link.queue:
             link.seq_hold = None
             self._maybe_release(link)
