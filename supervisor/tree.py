@@ -49,10 +49,26 @@ def _set_comm(name: str) -> None:
         pass
 
 
+def _own_session() -> None:
+    """Put this server process in a session of its own, as Postgres puts each backend.
+
+    With the kernel's autogroup scheduling (on by default in Debian's kernels), CPU time
+    is shared out per session first: left in the supervisor's session, all the gateway
+    workers together would get the share of one Postgres backend whenever Postgres is
+    busy, and queue behind it on a loaded machine. The supervisor stops its children by
+    pid with SIGTERM, so they need no signal from the terminal's process group.
+    """
+    try:
+        os.setsid()
+    except OSError:
+        pass  # a session leader already
+
+
 def _pooler_main(cfg_dict: dict) -> None:
     from pooler.server import main
 
     _set_comm("pgfleet-pooler")
+    _own_session()
     main(cfg_dict)
 
 
@@ -60,6 +76,7 @@ def _worker_main(cfg_dict: dict, index: int, fd: int) -> None:
     from gateway.worker import main
 
     _set_comm(f"pgfleet-worker{index}")
+    _own_session()
     main(cfg_dict, index, fd)
 
 

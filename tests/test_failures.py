@@ -25,7 +25,14 @@ import pytest
 from psycopg import errors as pg_errors
 
 from supervisor.config import Config
-from tests.procs import children_of, pid_gone, spread_connections, worker_of, worker_pids
+from tests.procs import (
+    children_of,
+    pid_gone,
+    pooler_pid,
+    spread_connections,
+    worker_of,
+    worker_pids,
+)
 from tests.waiting import bounded, wait_for
 
 # ----------------------------------------------------------------------------- helpers
@@ -212,6 +219,13 @@ def test_stop_leaves_nothing_behind(make_server):
     postmaster = srv.postmaster_pid()
     pids = set(srv.child_pids()) | {postmaster} | set(children_of(postmaster))
     assert len(pids) >= 4 + 3, pids  # postmaster, pooler, 2 workers, auxiliary processes
+    # The pooler and each worker lead a session of their own (autogroup scheduling shares
+    # CPU per session), so nothing of them hangs on the supervisor's process group: the
+    # stop below must still end them all.
+    servers = [pooler_pid(srv), *worker_pids(srv)]
+    assert len(servers) == 3, servers
+    assert [os.getsid(p) for p in servers] == servers
+    assert os.getsid(srv.proc.pid) not in servers
     shm = Path("/dev/shm") / Config(home=srv.home).cancel_table_name.lstrip("/")
     assert shm.exists()
 
