@@ -49,6 +49,23 @@ def _set_comm(name: str) -> None:
         pass
 
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_supervisor() -> None:
+    """Be sent SIGTERM (a clean stop) when the supervisor dies, as Postgres's backends
+    end with their postmaster. A pooler and workers left behind by a killed supervisor
+    would go on serving unsupervised, and, sharing the port through SO_REUSEPORT, take
+    part of the connections of the next ``pgfleet up`` on it (which stops the Postgres
+    they lease from)."""
+    import ctypes
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent or parent == 1:  # it died before we asked
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _own_session() -> None:
     """Put this server process in a session of its own, as Postgres puts each backend.
 
@@ -68,6 +85,7 @@ def _pooler_main(cfg_dict: dict) -> None:
     from pooler.server import main
 
     _set_comm("pgfleet-pooler")
+    _die_with_supervisor()
     _own_session()
     main(cfg_dict)
 
@@ -76,6 +94,7 @@ def _worker_main(cfg_dict: dict, index: int, fd: int) -> None:
     from gateway.worker import main
 
     _set_comm(f"pgfleet-worker{index}")
+    _die_with_supervisor()
     _own_session()
     main(cfg_dict, index, fd)
 

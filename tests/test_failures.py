@@ -25,6 +25,7 @@ import pytest
 from psycopg import errors as pg_errors
 
 from supervisor.config import Config
+from tests.conftest import PgfleetServer
 from tests.procs import (
     children_of,
     pid_gone,
@@ -242,6 +243,33 @@ def test_stop_leaves_nothing_behind(make_server):
         with pytest.raises(psycopg.OperationalError):
             bounded(lambda c=conn: c.execute("select 1"), 15, "a query after the stop")
         conn.close()
+
+
+def test_a_killed_supervisor_takes_its_children_and_the_next_up_serves(make_server):
+    """SIGKILL to the supervisor: the pooler and workers stop with it (they would else
+    keep serving unsupervised, and share the port with the next pgfleet), and a new
+    ``pgfleet up`` on the same home stops the Postgres left behind and serves."""
+    srv = make_server("--workers", "2")
+    client = connect(srv, autocommit=True)
+    assert client.execute("select 1").fetchone() == (1,)
+    servers = [pooler_pid(srv), *worker_pids(srv)]
+    assert len(servers) == 3, servers
+    postmaster = srv.postmaster_pid()
+
+    srv.proc.kill()
+    srv.proc.wait(10)
+    wait_for(lambda: all(pid_gone(p) for p in servers), 15, "the pooler and workers to exit")
+    with pytest.raises(psycopg.OperationalError):
+        bounded(lambda: client.execute("select 1"), 15, "a query after the supervisor died")
+    client.close()
+
+    again = PgfleetServer("--workers", "2", home=srv.home)
+    try:
+        again.start()
+        assert pid_gone(postmaster), "the old postmaster should have been stopped"
+        assert bounded(lambda: one_query(again, 7), 30) == 7
+    finally:
+        again.cleanup()
 
 
 def _active_with(d: psycopg.Connection, marker: str) -> int:
