@@ -258,18 +258,26 @@ def test_a_killed_supervisor_takes_its_children_and_the_next_up_serves(make_serv
 
     srv.proc.kill()
     srv.proc.wait(10)
-    wait_for(lambda: all(pid_gone(p) for p in servers), 15, "the pooler and workers to exit")
-    with pytest.raises(psycopg.OperationalError):
-        bounded(lambda: client.execute("select 1"), 15, "a query after the supervisor died")
-    client.close()
-
     again = PgfleetServer("--workers", "2", home=srv.home)
     try:
+        wait_for(lambda: all(pid_gone(p) for p in servers), 15, "the pooler and workers to exit")
+        with pytest.raises(psycopg.OperationalError):
+            bounded(lambda: client.execute("select 1"), 15, "a query after the supervisor died")
+        client.close()
+
         again.start()
         assert pid_gone(postmaster), "the old postmaster should have been stopped"
         assert bounded(lambda: one_query(again, 7), 30) == 7
     finally:
         again.cleanup()
+        # Whatever outlived the supervisor (if this test fails), stopped by pid: its
+        # supervisor's cleanup cannot, and a server left running would outlast the run.
+        for pid in servers:
+            if not pid_gone(pid):
+                os.kill(pid, signal.SIGTERM)
+        if not pid_gone(postmaster):
+            os.kill(postmaster, signal.SIGINT)
+            wait_for(lambda: pid_gone(postmaster), 30, "the old postmaster to stop")
 
 
 def _active_with(d: psycopg.Connection, marker: str) -> int:
