@@ -16,7 +16,8 @@ pinning, Postgres's own parser on the texts the scan flags):
   password, LOGIN, defaults; a database's defaults; the server's configuration)?
   Logins then stop trusting what the workers and the pooler cached.
 - ``Effects.sequences``: does it read the session's sequence state (currval(),
-  lastval()), which lives in whichever backend ran its nextval()?
+  lastval()), which lives in whichever backend ran its nextval()? And
+  ``Effects.advances``: does it write that state (nextval(), setval())?
 - ``returns_no_rows``: can it never return rows (INSERT, UPDATE, DELETE without
   RETURNING; COMMIT)? Then a prepared copy of it cannot fail under DDL with
   "cached plan must not change result type".
@@ -367,6 +368,9 @@ class Effects:
     logins: bool = False
     # Reads the session's sequence state: currval() or lastval().
     sequences: bool = False
+    # Writes it: nextval() or setval() called by name (an INSERT's column default shows
+    # in its CommandComplete instead, see BackendLink.data_received).
+    advances: bool = False
 
 
 PLAIN = Effects()
@@ -374,7 +378,7 @@ PLAIN = Effects()
 _ANY_EFFECT = tuple(dict.fromkeys((
     b"set", b"prepare", b"listen", b"load", b"hold", b"temp", b"advisory", b"discard",
     b"execute", b"deallocate", b"database", b"role", b"user", b"group", b"system", b"reload",
-    b"currval", b"lastval", *_MIGHT_UNPIN)))
+    b"currval", b"lastval", b"nextval", b"setval", *_MIGHT_UNPIN)))
 # Lower-case, and every digit as 0, in one pass: texts that differ only in the values
 # of their numbers (most generated queries) share one shape. No keyword above has a
 # digit, so a shape without keywords comes from a text without them; and whether a
@@ -420,6 +424,7 @@ def _effects(sql: bytes) -> Effects:
         vacates=vacated_databases(sql) if b"database" in low else (),
         logins=changes_logins(sql),
         sequences=b"currval" in low or b"lastval" in low,
+        advances=b"nextval" in low or b"setval" in low,
     )
     return PLAIN if fx == PLAIN else fx  # (callers test ``is PLAIN``)
 

@@ -120,7 +120,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         "unnamed_sets", "unnamed_token", "skip_until_sync", "unsynced", "slot", "paused_backend",
         "listen", "stmt_listen", "unnamed_listen", "portal_listen", "held", "ssl_done", "gss_done", "tls_in_use", "handshaking",
         "tls_task", "corked", "stmt_prepares", "unnamed_prepare", "portal_prepare", "seq_user",
-        "last_link",
+        "seq_writer", "last_link",
     )
 
     def __init__(self, worker: Worker) -> None:
@@ -209,6 +209,9 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         # The session read currval() or lastval(): the backends it takes hold no other
         # session's sequence state (see _own_sequences).
         self.seq_user = False
+        # A statement of the session calls nextval() or setval(): the backends it runs on
+        # may hold its sequence state, as after its INSERTs (see _maybe_release).
+        self.seq_writer = False
         # The backend the session last released (LeaseManager._take gives it back to it
         # when the session's INSERT left its sequence state there).
         self.last_link: BackendLink | None = None
@@ -880,6 +883,10 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
                 link.flush()
                 return
             inserted, link.inserted = link.inserted, False
+            if self.seq_writer:
+                # What its nextval() calls left is in this backend's sequence state (it
+                # may have called none this time: then the backend is only kept for it).
+                link.seq_fresh = inserted = True
             held, link.seq_hold = link.seq_hold, None
             if held is not None:
                 held.cancel()
@@ -956,6 +963,8 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
                 return
             if fx.sequences:
                 self._reads_sequences(link)
+            if fx.advances:
+                self.seq_writer = True
             cmd = sql_prepare.parse(sql) if fx.prepared else None
             if fx.vacates:
                 self.worker.vacate(fx.vacates)

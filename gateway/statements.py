@@ -82,6 +82,8 @@ class StatementBook:
             return False
         if fx.sequences:
             self.seq_user = True  # its Bind takes a backend cleared of others' sequences
+        if fx.advances:
+            self.seq_writer = True
         if fx.prepared:
             return False  # may need rewriting or refusing: take the full path
         self._own_books()
@@ -212,6 +214,8 @@ class StatementBook:
                 self._reads_sequences(link)  # before anything of the group is written
             else:
                 self.seq_user = True
+        if fx.advances:
+            self.seq_writer = True
         # PREPARE/EXECUTE/DEALLOCATE sent through Parse (read once; ``query`` is only
         # rewritten below for a PREPARE, which the EXECUTE/DEALLOCATE branches skip).
         cmd = sql_prepare.parse(query) if fx.prepared else None

@@ -162,3 +162,12 @@ def test_statements_that_read_sequence_state() -> None:
     for sql in (b"select nextval('s')", b"insert into t(v) values ($1)", b"select 1"):
         assert not effects(sql).sequences, sql
     assert effects(b"select id from t where id = 5") is PLAIN
+
+
+def test_statements_that_write_sequence_state() -> None:
+    for sql in (b"select nextval('s')", b"SELECT NEXTVAL($1)", b"select setval('s', 10)",
+                b"insert into t(id) values (nextval('s'))"):
+        fx = effects(sql)
+        assert fx.advances and not fx.sequences, sql
+    for sql in (b"select currval('s')", b"insert into t(v) values ($1)", b"select 1"):
+        assert not effects(sql).advances, sql

@@ -150,6 +150,39 @@ def test_an_insert_and_the_lastval_after_it_share_a_backend(two_backends):
         b.close()
 
 
+def test_a_nextval_and_the_currval_after_it_share_a_backend(two_backends):
+    """The same with nextval() called by name (sequences drawn first and used after,
+    as code ported from Oracle does): another session's statement in between does not
+    take the backend that holds the session's value, so currval() finds it."""
+    a, b = connect(two_backends), connect(two_backends)
+    simple = psycopg.ClientCursor(a)  # the simple query protocol
+    seq = "seq_rows_id_seq"
+    try:
+        with a.transaction(), b.transaction():  # both backends open, both idle after
+            a.execute("select 1")
+            b.execute("select 1")
+        for _ in range(3):
+            mine_a = a.execute("select nextval(%s)", (seq,)).fetchone()[0]
+            assert b.execute("select 1").fetchone() == (1,)
+            assert a.execute("select currval(%s)", (seq,)).fetchone() == (mine_a,)
+            mine_b = b.execute("select nextval(%s)", (seq,)).fetchone()[0]
+            assert a.execute("select 2").fetchone() == (2,)
+            assert b.execute("select lastval()").fetchone() == (mine_b,)
+            simple.execute(f"select nextval('{seq}')")
+            drawn = simple.fetchone()[0]
+            assert b.execute("select 3").fetchone() == (3,)
+            simple.execute(f"insert into seq_rows(id, who) values (currval('{seq}'), 'a') "
+                           "returning id")
+            assert simple.fetchone() == (drawn,)
+            # setval() writes the session's state too.
+            a.execute("select setval(%s, %s)", (seq, drawn + 100))
+            assert b.execute("select 4").fetchone() == (4,)
+            assert a.execute("select currval(%s)", (seq,)).fetchone() == (drawn + 100,)
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_session_that_reads_lastval_keeps_its_backend_until_it_does(one_backend):
     """With every backend taken and others waiting, the backend freed by an INSERT would
     go to a waiting session at once: a session known to read sequence state keeps it for
