@@ -23,7 +23,7 @@ from pgwire.backend import encode_notification_bytes
 from pgwire.errors import ProtocolViolation
 
 from .classify import effects
-from .protocol import READY, B, Q, X, cstr_end
+from .protocol import READY, WHOLE, B, P, Q, X, cstr_end
 
 if TYPE_CHECKING:
     from .backend import BackendLink
@@ -213,6 +213,8 @@ class ListenSession:
             pe = cstr_end(payload, 0)
             name = payload[pe + 1 : cstr_end(payload, pe + 1)]
             ops = self.stmt_listen.get(name, ()) if name else self.unnamed_listen
+            if self.pending:
+                ops = self._queued_parse_ops(name, ops)
         channels = [ch for op, ch in ops if op == "listen"]
         if not channels:
             return False
@@ -223,6 +225,22 @@ class ListenSession:
             return False
         self.held = deque([(mtype, payload, raw)])
         return True
+
+    def _queued_parse_ops(self, name: bytes, ops: tuple) -> tuple:
+        """The LISTEN ops of the statement a Bind names, when its Parse still waits for
+        a backend in the session's queue (a client that pipelines Parse and Bind while
+        every backend is busy): the books learn a statement only as its Parse is sent,
+        which is after this Bind's gate."""
+        for mtype, payload, _ in reversed(self.pending):
+            if mtype == WHOLE:
+                if not name:  # a plain unit's own unnamed statement, replaced
+                    return ()
+            elif mtype == P:
+                ne = cstr_end(payload, 0)
+                if payload[:ne] == name:
+                    body = payload[ne + 1 :]
+                    return effects(body[: cstr_end(body, 0)]).listen
+        return ops
 
     def _hub_answered(self, error: dict | None) -> None:
         if error is not None:

@@ -13,6 +13,8 @@ Q, P, B, D, E, C, S, H, X, F = (ord(c) for c in "QPBDECSHXF")
 COPY_MSGS = frozenset(b"dcf")
 EXTENDED = frozenset(b"PBDECH")
 RFQ_IDLE = b"Z\x00\x00\x00\x05I"
+# A session's pending entry holding a whole plain unit: (WHOLE, reply kinds, its bytes).
+WHOLE = -1
 _HDR = struct.Struct("!BI")
 
 

@@ -49,6 +49,7 @@ from .protocol import (
     READY,
     RFQ_IDLE,
     STARTUP,
+    WHOLE,
     B,
     C,
     D,
@@ -77,8 +78,6 @@ _BOUND_KINDS = frozenset(b"BDES")
 # (checked exactly, so that the quick paths never pass on what the framer would refuse).
 _EXECUTE_HEAD = b"E\x00\x00\x00\x09"
 _DESCRIBE_HEAD = b"D\x00\x00\x00\x06"
-# A pending entry holding a whole plain unit: (WHOLE, reply kinds, its bytes).
-WHOLE = -1
 # The starting value of a session's small name sets (pins, custom setting names,
 # setting statements): shared and immutable, since most sessions never add to them
 # (an empty set is 216 bytes and one more object for the collector to track). They

@@ -1,10 +1,14 @@
-"""node-postgres (npm ``pg`` and ``pg-copy-streams``) run unchanged through pgfleet.
+"""Node.js drivers run unchanged through pgfleet.
 
-The app is ``tests/apps/node/app.js``: parameterised queries, a named prepared
-statement reused across transactions (and the same name on another connection for
-other text), LISTEN/NOTIFY between two clients, COPY FROM STDIN and COPY TO STDOUT.
-Its npm packages are installed by ``scripts/setup.sh``. The rows it wrote are checked
-straight on Postgres afterwards.
+``tests/apps/node/app.js`` uses node-postgres (npm ``pg`` and ``pg-copy-streams``):
+parameterised queries, a named prepared statement reused across transactions (and the
+same name on another connection for other text), LISTEN/NOTIFY between two clients,
+COPY FROM STDIN and COPY TO STDOUT. ``tests/apps/node/postgresjs.mjs`` uses postgres.js
+(npm ``postgres``) with its defaults, which PgBouncer's transaction mode cannot serve:
+every query a named prepared statement, pipelined a hundred deep on each connection;
+and a transaction with a savepoint, a DDL change under a prepared text, a cursor,
+LISTEN, COPY. The npm packages are installed by ``scripts/setup.sh``. The rows each
+app wrote are checked straight on Postgres afterwards.
 """
 
 from __future__ import annotations
@@ -45,6 +49,30 @@ def test_node_postgres_app(server):
     finally:
         with psycopg.connect(server.direct_dsn(), autocommit=True) as conn:
             conn.execute(f"drop table if exists {table}, {table}_copy")
+
+
+def test_postgres_js_app(server):
+    node = shutil.which("node")
+    assert node, "node is missing: run scripts/setup.sh"
+    assert (APP / "node_modules" / "postgres").is_dir(), "npm packages missing: run scripts/setup.sh"
+    table = f"apps_pjs_{uuid.uuid4().hex[:10]}"
+    env = server.env()
+    env["PGSSLMODE"] = "disable"
+    try:
+        out = subprocess.run([node, "postgresjs.mjs", table], cwd=APP, env=env,
+                             capture_output=True, text=True, timeout=NODE_TIMEOUT)
+        assert out.returncode == 0, f"stdout:\n{out.stdout}\nstderr:\n{out.stderr}"
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        assert result == {"ok": True, "rows": 541, "notifications": 2}
+        with psycopg.connect(server.direct_dsn()) as conn:
+            names = conn.execute(
+                f"select count(*) filter (where name like 'n%%'), "
+                f"count(*) filter (where name = 'tx-kept'), count(*) filter (where name like 'copied%%'), "
+                f"min(extra), max(extra) from {table}").fetchone()
+            assert names == (40, 1, 500, 7, 7)
+    finally:
+        with psycopg.connect(server.direct_dsn(), autocommit=True) as conn:
+            conn.execute(f"drop table if exists {table}")
 
 
 @pytest.fixture(autouse=True)

@@ -14,6 +14,10 @@ import asyncpg
 import psycopg
 import pytest
 
+from pgwire import backend as be
+from pgwire import frontend as fe
+
+from . import wire
 from .conftest import PASSWORD
 
 
@@ -162,6 +166,33 @@ def test_extended_protocol_listen(srv):
         assert received(listener, expect=1) == [("ext_chan", "via extended")]
     finally:
         listener.close()
+        sender.close()
+
+
+@pytest.mark.parametrize("statement", ["pipelined_named", ""])
+def test_listen_pipelined_behind_a_wait_for_a_backend(srv, statement):
+    """Parse, Bind, Execute and Sync of a LISTEN in one write (postgres.js sends every
+    query so) while the only backend is busy: the Parse waits in the queue, and the
+    Bind behind it must still see that it LISTENs, so that the hub listens before the
+    client is told it does."""
+    channel = f"queued_{statement or 'unnamed'}"
+    blocker, sender = connect(srv), connect(srv)
+    try:
+        with wire.RawClient(srv.port) as listener:
+            listener.login_scram()
+            blocker.execute("begin")
+            blocker.execute("select 1")  # holds the only backend
+            listener.send(fe.encode_parse(statement, f"LISTEN {channel}")
+                          + fe.encode_bind("", statement, []) + fe.encode_execute() + fe.SYNC)
+            time.sleep(0.3)  # the LISTEN waits for the backend
+            blocker.execute("commit")
+            assert not wire.errors_in(listener.read_until_ready())
+            sender.execute("select pg_notify(%s, 'after the wait')", (channel,))
+            note = listener.read_message()
+            assert isinstance(note, be.NotificationResponse), note
+            assert (note.channel, note.payload) == (channel, "after the wait")
+    finally:
+        blocker.close()
         sender.close()
 
 
