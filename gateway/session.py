@@ -1015,6 +1015,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             prep = self.stmt_prepares.get(name) if name else self.unnamed_prepare
             self.portal_prepare = prep
             if prep is not None and prep[0] in self.sql_stmts:
+                self.portal_prepare = None  # no portal: its Execute books nothing
                 shown = prep[0].decode("utf-8", "replace")
                 self._synth_error(link, sqlstate.DUPLICATE_PREPARED_STATEMENT,
                                   f'prepared statement "{shown}" already exists')

@@ -123,12 +123,14 @@ class StatementBook:
             bname = self.worker.sql_statement_name()
             text = sql[: cmd.start] + bname + sql[cmd.end :]
             new = (bname, msg(Q, text + b"\x00"))
+            # Booked now, not once it worked: an EXECUTE pipelined right behind it must
+            # find it, on this backend, without preparing it again.
             self.sql_stmts[cmd.name] = new
+            assumed = link.assume_prepared(bname)
 
-            def prepared(ok: bool, link: BackendLink = link) -> None:
-                if ok:
-                    link.prepared.add(bname)
-                elif self.sql_stmts.get(cmd.name) is new:
+            def prepared(ok: bool) -> None:
+                assumed(ok)
+                if not ok and self.sql_stmts.get(cmd.name) is new:
                     del self.sql_stmts[cmd.name]
 
             link.expect(K_QUERY, on_done=prepared)
@@ -322,17 +324,21 @@ class StatementBook:
 
     def _prepared_by_execute(self, link: BackendLink, prep: tuple[bytes, bytes, bytes],
                              then: Callable[[bool], None] | None) -> Callable[[bool], None]:
-        """The on_done of an Execute that runs a renamed SQL PREPARE: book it once it
-        worked (PREPARE is not undone by a rollback, in Postgres either)."""
+        """Book a renamed SQL PREPARE as its Execute is sent, so that an EXECUTE
+        pipelined behind it (psycopg's pipeline mode) finds it, and unbook it in the
+        returned on_done if it failed (a rollback does not undo it, in Postgres either)."""
         self._own_books()
         name, bname, prepare_raw = prep
+        entry = (bname, prepare_raw)
+        self.sql_stmts[name] = entry
+        assumed = link.assume_prepared(bname)
 
         def done(ok: bool) -> None:
             if then is not None:
                 then(ok)
-            if ok:
-                self.sql_stmts[name] = (bname, prepare_raw)
-                link.prepared.add(bname)
+            assumed(ok)
+            if not ok and self.sql_stmts.get(name) is entry:
+                del self.sql_stmts[name]
 
         return done
 

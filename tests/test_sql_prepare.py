@@ -120,3 +120,38 @@ def test_prepare_in_the_unnamed_statement_as_jdbc_sends_it(one_backend):
     finally:
         c.close()
         other.close()
+
+
+@pytest.mark.parametrize("target", ["pgfleet", "postgres"])
+def test_execute_pipelined_right_behind_its_prepare(one_backend, target):
+    """PREPARE and the EXECUTE of it sent before the PREPARE's answer: two Queries in one
+    write, and psycopg's pipeline mode (one group of unnamed Parse/Bind/Execute each).
+    The EXECUTE must find the statement, on the same backend, without preparing it
+    again; a second PREPARE of the name in the same pipeline fails as in Postgres."""
+    dsn = one_backend.dsn() if target == "pgfleet" else one_backend.direct_dsn()
+    address = one_backend.port if target == "pgfleet" else f"{one_backend.socket_dir}/.s.PGSQL.5432"
+    with RawClient(address) as c:
+        if target == "pgfleet":
+            c.login_scram()
+        else:
+            c.login_trust()
+        c.send(fe.encode_query("prepare piped as select 41 + 1") + fe.encode_query("execute piped")
+               + fe.encode_query("prepare piped as select 0"))
+        first, second, third = c.read_until_ready(), c.read_until_ready(), c.read_until_ready()
+        assert not errors_in(first) and not errors_in(second), (first, second)
+        assert data_rows(second) == [[b"42"]]
+        assert [e.fields["C"] for e in errors_in(third)] == ["42P05"]
+        assert 'prepared statement "piped" already exists' == errors_in(third)[0].fields["M"]
+    conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+    try:
+        with conn.pipeline():
+            conn.execute("prepare in_pipeline (int) as select $1 * 2")
+            cur = conn.execute("execute in_pipeline(21)")
+        assert cur.fetchone() == (42,)
+        with pytest.raises(psycopg.errors.DuplicatePreparedStatement):
+            with conn.pipeline():
+                conn.execute("prepare twice as select 1")
+                conn.execute("prepare twice as select 2")
+        assert conn.execute("execute twice").fetchone() == (1,)
+    finally:
+        conn.close()
