@@ -711,8 +711,17 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             self.login.on_link(link)
             return
         self.attach(link)
+        if not self._send_pending(link):
+            return
+        if now:
+            link.flush()
+            self._maybe_release(link)
+
+    def _send_pending(self, link: BackendLink) -> bool:
+        """Write the queued messages to ``link``, up to a statement barrier (_barrier).
+        False if that ended the session."""
         pending = self.pending
-        while pending and self.link is link:
+        while pending and self.link is link and self.held is None:
             mtype, payload, raw = pending.pop(0)
             if mtype == WHOLE:
                 self._write_whole(link, raw, payload)  # type: ignore[arg-type]
@@ -721,12 +730,48 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
                 self._forward(link, mtype, payload, raw)
             except ProtocolViolation as exc:
                 self.fatal(exc.sqlstate, exc.message)
-                return
+                return False
             if self.phase == CLOSED:
-                return
+                return False
         if not pending and pending is self.pending:
             self.pending = NO_PENDING
-        if now:
+        return True
+
+    def _barrier(self, entry: Expect) -> None:
+        """What the client sent behind this statement waits for its answer: it changes
+        which prepared statements the session has (SQL PREPARE, DEALLOCATE, DISCARD
+        ALL), and only the answer tells whether it did (it fails in an aborted
+        transaction), so a pipelined EXECUTE sees the books Postgres has."""
+        then = entry.on_done
+        if self.held is None:
+            self.held = deque()
+
+        def answered(ok: bool) -> None:
+            if then is not None:
+                then(ok)
+            # After the reply being routed has gone out to the client.
+            self.worker.loop.call_soon(self._resume_held)
+
+        entry.on_done = answered
+
+    def _resume_held(self) -> None:
+        """The barrier's statement was answered: go on with what waited behind it."""
+        held, self.held = self.held, None
+        link = self.link
+        if self.phase != READY or held is None:
+            return
+        if self.pending and link is not None and not self._send_pending(link):
+            return
+        try:
+            while held and self.held is None and self.phase == READY:
+                self._dispatch(*held.popleft())
+        except ProtocolViolation as exc:
+            self.fatal(exc.sqlstate, exc.message)
+            return
+        if held:  # another barrier (or LISTEN gate) holds the rest
+            self.held.extend(held)
+        link = self.link
+        if link is not None:
             link.flush()
             self._maybe_release(link)
 
@@ -978,21 +1023,25 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
                 link.write(raw)
             else:
                 self._sql_prepared(link, cmd, sql)
+                if cmd.kind != "execute":
+                    self._barrier(link.queue[-1])
             if fx.sets:
                 self.settings_dirty = True
                 self.custom_names |= fx.custom
                 self._after_resets(link, fx.resets)
             if fx.drops and query_entry is not None:
-                # Only once it worked: a DEALLOCATE ALL in an aborted transaction fails.
+                # Undone if it fails: a DEALLOCATE ALL in an aborted transaction does.
+                undo = self._drop_all_now(link)
                 listen_done = query_entry.on_done
 
-                def dropped(ok: bool, link: BackendLink = link) -> None:
+                def dropped(ok: bool) -> None:
                     if listen_done is not None:
                         listen_done(ok)
-                    if ok:
-                        self._dropped_all(link)
+                    if not ok:
+                        undo()
 
                 query_entry.on_done = dropped
+                self._barrier(query_entry)
         elif mtype == P:
             self._parse(link, payload, raw, starts_group)
         elif mtype == B:

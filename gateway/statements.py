@@ -154,11 +154,15 @@ class StatementBook:
         text = sql[: cmd.start] + bname + sql[cmd.end :]
         on_done = None
         if cmd.kind == "deallocate":
+            # Unbooked now, so that a PREPARE of the name pipelined behind it succeeds as
+            # in Postgres; booked again if it fails (in an aborted transaction, say).
+            del self.sql_stmts[cmd.name]
+            link.prepared.discard(bname)
+
             def on_done(ok: bool, link: BackendLink = link) -> None:
-                if ok:
-                    link.prepared.discard(bname)
-                    if self.sql_stmts.get(cmd.name) is entry:
-                        del self.sql_stmts[cmd.name]
+                if not ok:
+                    self.sql_stmts[cmd.name] = entry
+                    link.prepared.add(bname)
         link.expect(K_QUERY, on_done=on_done)
         link.write(msg(Q, text + b"\x00"))
 
@@ -182,6 +186,21 @@ class StatementBook:
         transaction is aborted there exactly as the client now believes."""
         link.expect(K_QUERY)
         link.write(fe.encode_query(raise_sql(code, message)))
+
+    def _drop_all_now(self, link: BackendLink) -> Callable[[], None]:
+        """_dropped_all as a DEALLOCATE ALL or DISCARD ALL is sent, so that statements
+        pipelined behind it see the books Postgres will have; returns what puts them
+        back if it fails (in an aborted transaction, DISCARD ALL in a block)."""
+        stmts, sql_stmts, prepared = dict(self.stmts), dict(self.sql_stmts), list(link.prepared)
+        self._dropped_all(link)
+
+        def undo() -> None:
+            self.stmts.update(stmts)
+            self.sql_stmts.update(sql_stmts)
+            for name in prepared:
+                link.prepared.add(name)
+
+        return undo
 
     def _dropped_all(self, link: BackendLink) -> None:
         """DEALLOCATE ALL / DISCARD ALL: the backend loses every statement, ours and other

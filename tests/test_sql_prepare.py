@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import psycopg
 import pytest
 
+from pgwire import backend as be
 from pgwire import frontend as fe
 
 from .wire import RawClient, data_rows, errors_in
@@ -155,3 +158,52 @@ def test_execute_pipelined_right_behind_its_prepare(one_backend, target):
         assert conn.execute("execute twice").fetchone() == (1,)
     finally:
         conn.close()
+
+
+PIPELINED_CASES = [
+    ["prepare x as select 1", "deallocate x", "prepare x as select 2", "execute x"],
+    ["prepare y as select 1", "deallocate all", "prepare y as select 3", "execute y"],
+    ["prepare z as select 1", "discard all", "execute z", "prepare z as select 4", "execute z"],
+    ["prepare a as select 1", "begin", "select 1/0", "deallocate a", "prepare a as select 2",
+     "rollback", "execute a", "deallocate a", "prepare a as select 5", "execute a"],
+    ["prepare b as select 1", "begin", "select 1/0", "deallocate all", "rollback", "execute b"],
+    ["prepare c as select 1", "begin", "discard all", "rollback", "execute c"],
+    ["prepare d as select 1", "deallocate d", "deallocate d", "execute d"],
+]
+
+
+def _pipelined(address: int | str, statements: list[str]) -> list[tuple]:
+    """Send every statement in one write; per statement: tags, SQLSTATEs, rows, status."""
+    with RawClient(address) as c:
+        if isinstance(address, int):
+            c.login_scram()
+        else:
+            c.login_trust()
+        c.send(b"".join(fe.encode_query(s) for s in statements))
+        out = []
+        for _ in statements:
+            msgs = c.read_until_ready()
+            out.append(([m.tag for m in msgs if isinstance(m, be.CommandComplete)],
+                        [e.fields["C"] for e in errors_in(msgs)], data_rows(msgs),
+                        msgs[-1].status))
+        return out
+
+
+@pytest.mark.parametrize("statements", PIPELINED_CASES, ids=lambda s: s[0].split()[1])
+def test_statement_books_changed_by_pipelined_queries_match_postgres(one_backend, statements):
+    """Queries that change which SQL prepared statements exist (PREPARE, DEALLOCATE,
+    DISCARD ALL; failing ones in an aborted transaction too), pipelined with what uses
+    them, while the only backend is busy so that they queue first: every answer is
+    Postgres's own. What follows such a statement waits for its answer."""
+    blocker = psycopg.connect(one_backend.dsn(), autocommit=True, connect_timeout=10)
+    try:
+        blocker.execute("begin")
+        blocker.execute("select 1")  # holds the only backend: the pipeline queues
+        release = threading.Timer(0.3, lambda: blocker.execute("commit"))
+        release.start()
+        through = _pipelined(one_backend.port, statements)
+        release.join()
+    finally:
+        blocker.close()
+    direct = _pipelined(f"{one_backend.socket_dir}/.s.PGSQL.5432", statements)
+    assert through == direct
