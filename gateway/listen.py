@@ -35,7 +35,7 @@ class ListenState:
     notifications waiting for it to be idle."""
 
     __slots__ = ("channels", "txn_ops", "wanted", "inflight", "queue", "rolled_back", "failed",
-                 "explicit")
+                 "explicit", "counted")
 
     def __init__(self) -> None:
         self.channels: set[bytes] = set()  # committed
@@ -43,6 +43,9 @@ class ListenState:
         self.wanted: set[bytes] = set()  # channels the worker counts this session in for
         # Channels of LISTENs sent to the backend and not answered yet.
         self.inflight: dict[bytes, int] = {}
+        # The message held at the gate whose channels ``inflight`` counts already (its
+        # gate is passed again once the hub listens).
+        self.counted: bytes | None = None
         self.queue: list[tuple[bytes, bytes]] = []  # (channel, NotificationResponse)
         # How the open transaction is going, from the replies the session sees.
         self.rolled_back = False  # the last COMMIT/ROLLBACK tag was ROLLBACK
@@ -216,14 +219,19 @@ class ListenSession:
             if self.pending:
                 ops = self._queued_parse_ops(name, ops)
         channels = [ch for op, ch in ops if op == "listen"]
-        if not channels:
-            return False
-        if self.listen is None:
-            self.listen = ListenState()
-        self.listen.sent(channels)
+        if not channels or "listen" in self.pins:
+            return False  # (pinned: the backend's own LISTEN serves the session)
+        state = self.listen
+        if state is None:
+            state = self.listen = ListenState()
+        if state.counted is not raw:
+            state.sent(channels)
+        state.counted = None
         if self.worker.listeners.want(self, channels, self._hub_answered):
             return False
+        state.counted = raw
         self.held = deque([(mtype, payload, raw)])
+        self.holds += 1
         return True
 
     def _queued_parse_ops(self, name: bytes, ops: tuple) -> tuple:
@@ -244,21 +252,33 @@ class ListenSession:
 
     def _hub_answered(self, error: dict | None) -> None:
         if error is not None:
-            # The hub could not listen: the backend's own LISTEN stays, the session pins.
+            # The hub could not listen: the backend's own LISTEN stays, the session pins
+            # (and its gate lets the statement through).
             self._add_pin("listen", check=False)
+        self._resume_held()
+
+    def _resume_held(self) -> None:
+        """A reason to hold the session's messages is gone (the hub listens, or a barrier
+        statement was answered: Session._barrier). Once none is left: the queue first,
+        then the held messages, each through its gate again (the hub listens now), until
+        something holds them again."""
+        self.holds -= 1
+        if self.holds > 0:
+            return
         held, self.held = self.held, None
         if self.phase != READY or held is None:
             return
+        link = self.link
+        if self.pending and link is not None and not self._send_pending(link):
+            return
         try:
-            # The first one passed its gate already; the rest may have gates of their own.
-            self._on_message_ungated(*held.popleft())
             while held and self.held is None and self.phase == READY:
                 self._dispatch(*held.popleft())
-            if held:  # another LISTEN is waiting for the hub: the rest waits behind it
-                self.held.extend(held)
         except ProtocolViolation as exc:
             self.fatal(exc.sqlstate, exc.message)
             return
+        if held:  # held again (another LISTEN, another barrier): the rest waits behind
+            self.held.extend(held)
         link = self.link
         if link is not None:
             link.flush()

@@ -117,7 +117,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         "unnamed_parse", "sql_stmts", "sql_deps", "unnamed_dep", "stmt_pins", "stmt_effects",
         "unnamed_effects", "pending_resets", "pending_drop", "unnamed_pin", "setting_stmts",
         "unnamed_sets", "unnamed_token", "skip_until_sync", "unsynced", "slot", "paused_backend",
-        "listen", "stmt_listen", "unnamed_listen", "portal_listen", "held", "ssl_done", "gss_done", "tls_in_use", "handshaking",
+        "listen", "stmt_listen", "unnamed_listen", "portal_listen", "held", "holds", "ssl_done", "gss_done", "tls_in_use", "handshaking",
         "tls_task", "corked", "stmt_prepares", "unnamed_prepare", "portal_prepare", "seq_user",
         "seq_writer", "last_link",
     )
@@ -197,6 +197,9 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         self.unnamed_prepare: tuple[bytes, bytes, bytes] | None = None
         self.portal_prepare: tuple[bytes, bytes, bytes] | None = None
         self.held: deque[tuple[int, bytes, bytes]] | None = None
+        # Why ``held`` waits: LISTENs waiting for the hub and barrier statements waiting
+        # for their answer (ListenSession._resume_held goes on once none is left).
+        self.holds = 0
         # Encryption negotiation, as Postgres: one SSLRequest, one GSSENCRequest (refused),
         # in either order, none after TLS started.
         self.ssl_done = False
@@ -718,10 +721,11 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             self._maybe_release(link)
 
     def _send_pending(self, link: BackendLink) -> bool:
-        """Write the queued messages to ``link``, up to a statement barrier (_barrier).
-        False if that ended the session."""
+        """Write the queued messages to ``link``, up to a statement barrier (_barrier;
+        a LISTEN held at its gate came after them). False if that ended the session."""
         pending = self.pending
-        while pending and self.link is link and self.held is None:
+        holds = self.holds
+        while pending and self.link is link and self.holds == holds:
             mtype, payload, raw = pending.pop(0)
             if mtype == WHOLE:
                 self._write_whole(link, raw, payload)  # type: ignore[arg-type]
@@ -745,6 +749,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         then = entry.on_done
         if self.held is None:
             self.held = deque()
+        self.holds += 1
 
         def answered(ok: bool) -> None:
             if then is not None:
@@ -753,27 +758,6 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             self.worker.loop.call_soon(self._resume_held)
 
         entry.on_done = answered
-
-    def _resume_held(self) -> None:
-        """The barrier's statement was answered: go on with what waited behind it."""
-        held, self.held = self.held, None
-        link = self.link
-        if self.phase != READY or held is None:
-            return
-        if self.pending and link is not None and not self._send_pending(link):
-            return
-        try:
-            while held and self.held is None and self.phase == READY:
-                self._dispatch(*held.popleft())
-        except ProtocolViolation as exc:
-            self.fatal(exc.sqlstate, exc.message)
-            return
-        if held:  # another barrier (or LISTEN gate) holds the rest
-            self.held.extend(held)
-        link = self.link
-        if link is not None:
-            link.flush()
-            self._maybe_release(link)
 
     def _queue(self, item: tuple[int, bytes, bytes]) -> None:
         """Queue a message until a backend comes (the list is made by the first one)."""

@@ -447,12 +447,18 @@ def test_prepared_statement_follows_the_session_across_backends(server):
         try:
             stmt = await conn.prepare(sql)
             named = await conn.prepare("select $1::text || $2::text", name="apg_explicit_name")
-            await conn.execute(f"create table {name} (v int)")
-            for i in range(30):
+            await direct.execute(f"create table {name} (v int)")
+            await direct.execute(f"insert into {name} values (0)")
+            done = 0
+            # At least 30 transactions, and on until another session's took the backend
+            # in between (bounded). An UPDATE, not an INSERT: a backend an INSERT ran on
+            # goes back to its session while others are idle (sequence state).
+            while done < 30 or (len(pids) < 2 and done < 300):
+                i, done = done, done + 1
                 async with conn.transaction():
                     assert await stmt.fetchval(i) == i + 1
                     assert await named.fetchval(f"t{i}", "!") == f"t{i}!"
-                    await conn.execute(f"insert into {name} values ($1)", i)
+                    await conn.execute(f"update {name} set v = v + $1", i)
                     # Which backend serves us now: the one idle in our transaction whose last
                     # statement is ours (does not rely on pg_backend_pid()).
                     rows = await direct.fetch(
@@ -464,7 +470,7 @@ def test_prepared_statement_follows_the_session_across_backends(server):
                 assert await stmt.fetchval(1000 + i) == 1001 + i
                 assert await named.fetchval("a", "b") == "ab"
                 await asyncio.sleep(0.03)
-            assert await conn.fetchval(f"select sum(v) from {name}") == sum(range(30))
+            assert await conn.fetchval(f"select sum(v) from {name}") == sum(range(done))
             # asyncpg's own plan metadata is still right.
             assert [t.name for t in stmt.get_parameters()] == ["int4"]
         finally:

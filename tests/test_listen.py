@@ -196,6 +196,34 @@ def test_listen_pipelined_behind_a_wait_for_a_backend(srv, statement):
         sender.close()
 
 
+def test_listen_between_statements_that_hold_what_follows(srv):
+    """A PREPARE (whose answer what follows waits for), a LISTEN (which waits for the
+    hub) and an EXECUTE of the statement, pipelined while the only backend is busy:
+    each is answered in order as Postgres would, and the LISTEN hears."""
+    blocker, sender = connect(srv), connect(srv)
+    try:
+        with wire.RawClient(srv.port) as listener:
+            listener.login_scram()
+            blocker.execute("begin")
+            blocker.execute("select 1")  # holds the only backend
+            listener.send(fe.encode_query("prepare combo as select 5")
+                          + fe.encode_query("listen combo_chan")
+                          + fe.encode_query("execute combo")
+                          + fe.encode_query("deallocate combo"))
+            time.sleep(0.3)
+            blocker.execute("commit")
+            replies = [listener.read_until_ready() for _ in range(4)]
+            assert [wire.errors_in(r) for r in replies] == [[], [], [], []]
+            assert wire.data_rows(replies[2]) == [[b"5"]]
+            sender.execute("notify combo_chan, 'heard'")
+            note = listener.read_message()
+            assert isinstance(note, be.NotificationResponse), note
+            assert (note.channel, note.payload) == ("combo_chan", "heard")
+    finally:
+        blocker.close()
+        sender.close()
+
+
 def test_asyncpg_listeners(srv):
     async def main() -> list[str]:
         got: asyncio.Queue = asyncio.Queue()
