@@ -28,18 +28,23 @@ APP = Path(__file__).resolve().parent / "apps" / "node"
 NODE_TIMEOUT = 120
 
 
-def test_node_postgres_app(server):
+def run_app(server, script: str, package: str, table: str) -> dict:
+    """Run ``script`` against pgfleet (PG* variables, no TLS); its last line of JSON."""
     node = shutil.which("node")
     assert node, "node is missing: run scripts/setup.sh"
-    assert (APP / "node_modules" / "pg").is_dir(), "npm packages missing: run scripts/setup.sh"
-    table = f"apps_node_{uuid.uuid4().hex[:10]}"
+    assert (APP / "node_modules" / package).is_dir(), "npm packages missing: run scripts/setup.sh"
     env = server.env()
     env["PGSSLMODE"] = "disable"
+    out = subprocess.run([node, script, table], cwd=APP, env=env, capture_output=True,
+                         text=True, timeout=NODE_TIMEOUT)
+    assert out.returncode == 0, f"stdout:\n{out.stdout}\nstderr:\n{out.stderr}"
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_node_postgres_app(server):
+    table = f"apps_node_{uuid.uuid4().hex[:10]}"
     try:
-        out = subprocess.run([node, "app.js", table], cwd=APP, env=env, capture_output=True,
-                             text=True, timeout=NODE_TIMEOUT)
-        assert out.returncode == 0, f"stdout:\n{out.stdout}\nstderr:\n{out.stderr}"
-        result = json.loads(out.stdout.strip().splitlines()[-1])
+        result = run_app(server, "app.js", "pg", table)
         assert result == {"ok": True, "notifications": 3, "copied_in": 5000,
                           "copied_out": 5000, "sum": "15628125.00"}
         with psycopg.connect(server.direct_dsn()) as conn:
@@ -52,17 +57,9 @@ def test_node_postgres_app(server):
 
 
 def test_postgres_js_app(server):
-    node = shutil.which("node")
-    assert node, "node is missing: run scripts/setup.sh"
-    assert (APP / "node_modules" / "postgres").is_dir(), "npm packages missing: run scripts/setup.sh"
     table = f"apps_pjs_{uuid.uuid4().hex[:10]}"
-    env = server.env()
-    env["PGSSLMODE"] = "disable"
     try:
-        out = subprocess.run([node, "postgresjs.mjs", table], cwd=APP, env=env,
-                             capture_output=True, text=True, timeout=NODE_TIMEOUT)
-        assert out.returncode == 0, f"stdout:\n{out.stdout}\nstderr:\n{out.stderr}"
-        result = json.loads(out.stdout.strip().splitlines()[-1])
+        result = run_app(server, "postgresjs.mjs", "postgres", table)
         assert result == {"ok": True, "rows": 541, "notifications": 2}
         with psycopg.connect(server.direct_dsn()) as conn:
             names = conn.execute(

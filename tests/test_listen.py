@@ -176,52 +176,52 @@ def test_listen_pipelined_behind_a_wait_for_a_backend(srv, statement):
     Bind behind it must still see that it LISTENs, so that the hub listens before the
     client is told it does."""
     channel = f"queued_{statement or 'unnamed'}"
-    blocker, sender = connect(srv), connect(srv)
-    try:
-        with wire.RawClient(srv.port) as listener:
-            listener.login_scram()
-            blocker.execute("begin")
-            blocker.execute("select 1")  # holds the only backend
-            listener.send(fe.encode_parse(statement, f"LISTEN {channel}")
-                          + fe.encode_bind("", statement, []) + fe.encode_execute() + fe.SYNC)
-            time.sleep(0.3)  # the LISTEN waits for the backend
-            blocker.execute("commit")
-            assert not wire.errors_in(listener.read_until_ready())
-            sender.execute("select pg_notify(%s, 'after the wait')", (channel,))
-            note = listener.read_message()
-            assert isinstance(note, be.NotificationResponse), note
-            assert (note.channel, note.payload) == (channel, "after the wait")
-    finally:
-        blocker.close()
-        sender.close()
+    with wire.RawClient(srv.port) as listener:
+        listener.login_scram()
+        send_while_the_backend_is_busy(srv, listener, fe.encode_parse(statement, f"LISTEN {channel}")
+                                       + fe.encode_bind("", statement, []) + fe.encode_execute()
+                                       + fe.SYNC)
+        assert not wire.errors_in(listener.read_until_ready())
+        assert_hears(srv, listener, channel)
 
 
 def test_listen_between_statements_that_hold_what_follows(srv):
     """A PREPARE (whose answer what follows waits for), a LISTEN (which waits for the
     hub) and an EXECUTE of the statement, pipelined while the only backend is busy:
     each is answered in order as Postgres would, and the LISTEN hears."""
-    blocker, sender = connect(srv), connect(srv)
+    with wire.RawClient(srv.port) as listener:
+        listener.login_scram()
+        send_while_the_backend_is_busy(srv, listener, fe.encode_query("prepare combo as select 5")
+                                       + fe.encode_query("listen combo_chan")
+                                       + fe.encode_query("execute combo")
+                                       + fe.encode_query("deallocate combo"))
+        replies = [listener.read_until_ready() for _ in range(4)]
+        assert [wire.errors_in(r) for r in replies] == [[], [], [], []]
+        assert wire.data_rows(replies[2]) == [[b"5"]]
+        assert_hears(srv, listener, "combo_chan")
+
+
+def send_while_the_backend_is_busy(srv, client: wire.RawClient, data: bytes) -> None:
+    """Send ``data`` while another session's transaction holds the only backend, and
+    end that transaction a moment later: what ``data`` asks for waits in the queue."""
+    blocker = connect(srv)
     try:
-        with wire.RawClient(srv.port) as listener:
-            listener.login_scram()
-            blocker.execute("begin")
-            blocker.execute("select 1")  # holds the only backend
-            listener.send(fe.encode_query("prepare combo as select 5")
-                          + fe.encode_query("listen combo_chan")
-                          + fe.encode_query("execute combo")
-                          + fe.encode_query("deallocate combo"))
-            time.sleep(0.3)
-            blocker.execute("commit")
-            replies = [listener.read_until_ready() for _ in range(4)]
-            assert [wire.errors_in(r) for r in replies] == [[], [], [], []]
-            assert wire.data_rows(replies[2]) == [[b"5"]]
-            sender.execute("notify combo_chan, 'heard'")
-            note = listener.read_message()
-            assert isinstance(note, be.NotificationResponse), note
-            assert (note.channel, note.payload) == ("combo_chan", "heard")
+        blocker.execute("begin")
+        blocker.execute("select 1")
+        client.send(data)
+        time.sleep(0.3)
+        blocker.execute("commit")
     finally:
         blocker.close()
-        sender.close()
+
+
+def assert_hears(srv, listener: wire.RawClient, channel: str) -> None:
+    """A notification on ``channel`` from another session reaches ``listener``."""
+    with connect(srv) as sender:
+        sender.execute("select pg_notify(%s, 'heard')", (channel,))
+    note = listener.read_message()
+    assert isinstance(note, be.NotificationResponse), note
+    assert (note.channel, note.payload) == (channel, "heard")
 
 
 def test_asyncpg_listeners(srv):
