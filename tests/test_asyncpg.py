@@ -488,3 +488,53 @@ def test_prepared_statement_follows_the_session_across_backends(server):
     # The statement was used on more than one backend, so it was re-prepared.
     print(f"prepared statement served by {len(pids)} backends")
     assert len(pids) >= 2, pids
+
+
+def test_pool_release_resets_what_each_user_left(server):
+    """asyncpg's Pool, as apps use it: each acquire sets a setting, takes an advisory
+    lock, prepares, LISTENs and hears; each release runs asyncpg's reset (unlock all,
+    CLOSE ALL, UNLISTEN *, RESET ALL), after which no user's lock or setting is left on
+    whatever connection the next acquire gets, with 12 users over the shared backends."""
+
+    async def main() -> list:
+        pool = await asyncpg.create_pool(host="127.0.0.1", port=server.port, user="postgres",
+                                         password=PASSWORD, database="postgres",
+                                         min_size=2, max_size=6, timeout=CONNECT_TIMEOUT)
+        problems: list = []
+
+        async def user(i: int) -> None:
+            for r in range(5):
+                heard: asyncio.Queue = asyncio.Queue()
+
+                def on_note(_conn, _pid, _channel, payload, heard=heard) -> None:
+                    heard.put_nowait(payload)
+
+                async with pool.acquire() as c:
+                    await c.execute(f"set application_name = 'pool_user_{i}'")
+                    await c.execute("select pg_advisory_lock($1)", 7000 + i)
+                    stmt = await c.prepare("select $1::int * 2")
+                    if await stmt.fetchval(i) != 2 * i:
+                        problems.append(("prepared", i))
+                    await c.add_listener(f"pool_chan_{i}", on_note)
+                    await c.execute(f"notify pool_chan_{i}, 'r{r}'")
+                    got = await asyncio.wait_for(heard.get(), 10)
+                    if got != f"r{r}":
+                        problems.append(("notification", i, got))
+                    await c.remove_listener(f"pool_chan_{i}", on_note)
+                async with pool.acquire() as c:
+                    locks = await c.fetchval(
+                        "select count(*) from pg_locks where locktype = 'advisory' and objid = $1",
+                        7000 + i)
+                    name = await c.fetchval("select current_setting('application_name')")
+                    if locks:
+                        problems.append(("lock left", i, locks))
+                    if name.startswith("pool_user_"):
+                        problems.append(("setting left", i, name))
+
+        try:
+            await asyncio.gather(*(user(i) for i in range(12)))
+        finally:
+            await pool.close()
+        return problems
+
+    assert run(main()) == []
