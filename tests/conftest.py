@@ -93,6 +93,11 @@ class PgfleetServer:
     def socket_dir(self) -> str:
         return str(self.home / "run")
 
+    @property
+    def direct_socket(self) -> str:
+        """The embedded Postgres's own Unix socket (trust), for raw-protocol clients."""
+        return f"{self.socket_dir}/.s.PGSQL.5432"
+
     def direct_dsn(self, dbname: str = "postgres") -> str:
         """A connection straight to the embedded Postgres (Unix socket, trust)."""
         return f"host={self.socket_dir} port=5432 user=postgres dbname={dbname}"

@@ -25,7 +25,7 @@ def test_pipe_floor_passes_a_session_through_and_stops(server) -> None:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.pipe_floor", "--port", str(port), "--workers", "2",
-         "--backend", f"{server.socket_dir}/.s.PGSQL.5432"],
+         "--backend", server.direct_socket],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert "pipe floor on" in proc.stdout.readline()

@@ -41,7 +41,7 @@ def via(srv) -> RawClient:
 
 
 def direct(srv) -> RawClient:
-    c = RawClient(f"{srv.socket_dir}/.s.PGSQL.5432")
+    c = RawClient(srv.direct_socket)
     try:
         c.login_trust()
     except BaseException:

@@ -198,7 +198,7 @@ def fatal_text(exc: psycopg.OperationalError) -> str:
 # for connection failures) and compares pgfleet with Postgres itself, over this socket.
 
 def pg_socket(server) -> str:
-    return os.path.join(server.socket_dir, ".s.PGSQL.5432")
+    return server.direct_socket
 
 
 # -- plain queries and transactions -----------------------------------------------------------

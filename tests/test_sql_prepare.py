@@ -132,12 +132,8 @@ def test_execute_pipelined_right_behind_its_prepare(one_backend, target):
     The EXECUTE must find the statement, on the same backend, without preparing it
     again; a second PREPARE of the name in the same pipeline fails as in Postgres."""
     dsn = one_backend.dsn() if target == "pgfleet" else one_backend.direct_dsn()
-    address = one_backend.port if target == "pgfleet" else f"{one_backend.socket_dir}/.s.PGSQL.5432"
-    with RawClient(address) as c:
-        if target == "pgfleet":
-            c.login_scram()
-        else:
-            c.login_trust()
+    address = one_backend.port if target == "pgfleet" else one_backend.direct_socket
+    with _logged_in(address) as c:
         c.send(fe.encode_query("prepare piped as select 41 + 1") + fe.encode_query("execute piped")
                + fe.encode_query("prepare piped as select 0"))
         first, second, third = c.read_until_ready(), c.read_until_ready(), c.read_until_ready()
@@ -172,13 +168,23 @@ PIPELINED_CASES = [
 ]
 
 
-def _pipelined(address: int | str, statements: list[str]) -> list[tuple]:
-    """Send every statement in one write; per statement: tags, SQLSTATEs, rows, status."""
-    with RawClient(address) as c:
+def _logged_in(address: int | str) -> RawClient:
+    """A raw client logged in to pgfleet (a port: SCRAM) or to Postgres (its socket: trust)."""
+    c = RawClient(address)
+    try:
         if isinstance(address, int):
             c.login_scram()
         else:
             c.login_trust()
+    except BaseException:
+        c.close()
+        raise
+    return c
+
+
+def _pipelined(address: int | str, statements: list[str]) -> list[tuple]:
+    """Send every statement in one write; per statement: tags, SQLSTATEs, rows, status."""
+    with _logged_in(address) as c:
         c.send(b"".join(fe.encode_query(s) for s in statements))
         out = []
         for _ in statements:
@@ -205,5 +211,5 @@ def test_statement_books_changed_by_pipelined_queries_match_postgres(one_backend
         release.join()
     finally:
         blocker.close()
-    direct = _pipelined(f"{one_backend.socket_dir}/.s.PGSQL.5432", statements)
+    direct = _pipelined(one_backend.direct_socket, statements)
     assert through == direct

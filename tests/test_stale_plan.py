@@ -114,7 +114,7 @@ def test_shared_statements_are_not_another_sessions_to_use_or_drop(make_server):
     a = psycopg.connect(srv.dsn(), autocommit=True, connect_timeout=10)
     try:
         assert a.execute(sql, (1,), prepare=True).fetchone() == (2,)
-        with RawClient(srv.port) as b, RawClient(f"{srv.socket_dir}/.s.PGSQL.5432") as d:
+        with RawClient(srv.port) as b, RawClient(srv.direct_socket) as d:
             b.login_scram()
             d.login_trust()
             names = data_rows(b.query("select name from pg_prepared_statements"))
