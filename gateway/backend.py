@@ -40,6 +40,7 @@ E, Z, T, n_ = ord("E"), ord("Z"), ord("T"), ord("n")
 _PASS = frozenset(b"TDCNI")  # RowDescription, DataRow, CommandComplete, Notice, EmptyQuery
 _LEN = struct.Struct("!I")
 _Z_HEAD = b"Z\x00\x00\x00\x05"  # ReadyForQuery, all but its status byte
+_PORTAL_SUSPENDED = b"s\x00\x00\x00\x04"  # the whole message: it has no body
 
 
 def whole_messages(data: bytes, kinds: frozenset[int]) -> int:
@@ -329,7 +330,10 @@ class BackendLink(asyncio.Protocol):
 
     # -- replies ----------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        if b"INSERT 0 " in data:  # (a CommandComplete tag; a row that says so does no harm)
+        if b"INSERT 0 " in data or _PORTAL_SUSPENDED in data:
+            # An INSERT's CommandComplete tag, or a portal suspended before its tag (an
+            # INSERT ... RETURNING run for its first row, as asyncpg's fetchval() does):
+            # it may have called nextval(). (A row that looks so does no harm.)
             self.seq_fresh = self.inserted = True
         if (
             self.queue

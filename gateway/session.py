@@ -37,7 +37,7 @@ from .backend import (
     PORTAL_TAILS,
     whole_messages,
 )
-from .classify import PLAIN, effects, returns_no_rows
+from .classify import PLAIN, Effects, effects, returns_no_rows
 from .listen import ListenSession, ListenState
 from .login import Login
 from .pins import PinBook
@@ -779,8 +779,12 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             link.seq_owner = self
             link.seq_foreign = True
             link.seq_fresh = link.inserted = False
-            if self.seq_user:
+            if self.seq_user or self.seq_writer:
                 self._own_sequences(link)
+        elif link.seq_foreign and (self.seq_user or self.seq_writer):
+            # Back on a backend whose sequence state is still another session's: the
+            # session's statements here since wrote none of its own.
+            self._own_sequences(link)
         if self.slot >= 0:
             self.worker.cancel_table.serve(self.slot, link.pid, link.secret)
         settings = self.settings
@@ -801,13 +805,25 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         link.expect(K_QUERY, swallow=1)
         link.write(DISCARD_SEQUENCES)
 
-    def _reads_sequences(self, link: BackendLink) -> None:
-        """A statement reads currval() or lastval(): from now on every backend this session
-        takes from another session is cleared of its sequence state; this one too if the
-        statement is the first the session runs on it (after that, the session's own
-        nextval() calls there would go with it)."""
-        self.seq_user = True
-        if link.seq_foreign and link.status == "I" and not link.queue:
+    def _uses_sequences(self, fx: Effects, link: BackendLink | None) -> None:
+        """A statement reads currval() or lastval(), or calls nextval() or setval() by name:
+        from now on every backend this session takes from another session is cleared of
+        its sequence state first; ``link`` too, if the statement is the first the session
+        runs on it since (after that, the session's own nextval() calls there would go
+        with it). Cleared for a write as well: a setval() then lastval() would otherwise
+        read the last sequence another session used there."""
+        if fx.sequences:
+            self.seq_user = True
+        if fx.advances:
+            self.seq_writer = True
+        if link is not None:
+            self._clear_foreign_sequences(link)
+
+    def _clear_foreign_sequences(self, link: BackendLink) -> None:
+        """DISCARD SEQUENCES ahead of the statement being sent, if the backend's state may
+        be another session's and nothing of this session's is outstanding there (queries
+        of pgfleet's own, as a pin check, change no sequence state)."""
+        if link.seq_foreign and link.status == "I" and all(e.swallow for e in link.queue):
             self._own_sequences(link)
 
     def on_lease_failed(self, fields: dict[str, str]) -> None:
@@ -885,9 +901,12 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             and not link.dead
             and self.held is None
         ):
-            # The session has run a transaction here: what nextval() it called is in
-            # the backend's sequence state now, which a DISCARD would lose.
-            link.seq_foreign = False
+            if link.inserted or self.seq_writer:
+                # The session's transaction here may have called nextval(): its own
+                # sequence state is in the backend now, which a DISCARD would lose.
+                # (After one that wrote none, what another session left stays foreign:
+                # a read of currval() or lastval() still clears it first.)
+                link.seq_foreign = False
             if link.logins_changed:
                 # Its transaction is over (committed or not): the next login anywhere
                 # reads the catalogs again, so it sees the new password, defaults or
@@ -989,10 +1008,8 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
                 link.expect(K_QUERY)
                 link.write(raw)
                 return
-            if fx.sequences:
-                self._reads_sequences(link)
-            if fx.advances:
-                self.seq_writer = True
+            if fx.sequences or fx.advances:
+                self._uses_sequences(fx, link)
             cmd = sql_prepare.parse(sql) if fx.prepared else None
             if fx.vacates:
                 self.worker.vacate(fx.vacates)

@@ -80,10 +80,10 @@ class StatementBook:
         fx = effects(body[: cstr_end(body, 0)])
         if fx.pin is not None:
             return False
-        if fx.sequences:
-            self.seq_user = True  # its Bind takes a backend cleared of others' sequences
-        if fx.advances:
-            self.seq_writer = True
+        if fx.sequences or fx.advances:
+            # Its Bind takes a backend cleared of others' sequence state; a backend the
+            # session holds already (pinned, in a transaction) is cleared now if it can be.
+            self._uses_sequences(fx, self.link)
         if fx.prepared:
             return False  # may need rewriting or refusing: take the full path
         self._own_books()
@@ -230,13 +230,9 @@ class StatementBook:
         qe = cstr_end(body, 0)
         query = body[:qe]
         fx = effects(query)
-        if fx.sequences:
-            if starts_group:
-                self._reads_sequences(link)  # before anything of the group is written
-            else:
-                self.seq_user = True
-        if fx.advances:
-            self.seq_writer = True
+        if fx.sequences or fx.advances:
+            # (Cleared only before anything of the group is written.)
+            self._uses_sequences(fx, link if starts_group else None)
         # PREPARE/EXECUTE/DEALLOCATE sent through Parse (read once; ``query`` is only
         # rewritten below for a PREPARE, which the EXECUTE/DEALLOCATE branches skip).
         cmd = sql_prepare.parse(query) if fx.prepared else None

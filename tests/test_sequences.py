@@ -73,6 +73,48 @@ def test_another_sessions_sequence_values_are_never_returned(one_backend):
             c.close()
 
 
+@pytest.mark.parametrize("reader", ["simple", "prepared"])
+def test_what_another_session_left_is_cleared_before_a_read(one_backend, reader):
+    """The backend a session reads on last served another session that called nextval():
+    the reader gets Postgres's 55000 however it came to hold that backend. Three ways
+    used to read the other session's values: a session pinned there (an advisory lock,
+    whose check query was still outstanding when the read came), a session whose
+    earlier statement there wrote no sequence state, and a setval() (which defines
+    currval() but not lastval()). ``prepared``: the reads go as named statements whose
+    text another session prepared first, answered by pgfleet without a backend."""
+    a, b = connect(one_backend), connect(one_backend)
+    prepare = reader == "prepared"
+    try:
+        a.execute("create sequence if not exists seq_other")
+        for sql in ("select lastval()", "select currval('seq_rows_id_seq')"):
+            insert(a, "a")
+            assert a.execute(sql, prepare=prepare).fetchone()  # a's own: text known
+            b.execute("select 1")  # ran where a's sequence state is
+            assert not_defined(b, sql) if not prepare else _not_defined_prepared(b, sql)
+        insert(a, "a")
+        b.execute("select pg_try_advisory_lock(77)")  # pinned where a's state is
+        assert _not_defined_prepared(b, "select lastval()") if prepare else not_defined(
+            b, "select lastval()")
+        b.execute("select pg_advisory_unlock(77)")
+        insert(a, "a")
+        assert b.execute("select setval('seq_other', 5)").fetchone() == (5,)
+        assert b.execute("select currval('seq_other')", prepare=prepare).fetchone() == (5,)
+        # setval() defines no lastval(): Postgres's 55000, not a's last INSERT's id.
+        assert _not_defined_prepared(b, "select lastval()") if prepare else not_defined(
+            b, "select lastval()")
+    finally:
+        a.close()
+        b.close()
+
+
+def _not_defined_prepared(conn: psycopg.Connection, sql: str) -> bool:
+    try:
+        conn.execute(sql, prepare=True)
+    except psycopg.errors.ObjectNotInPrerequisiteState:
+        return True
+    return False
+
+
 def test_a_sessions_own_values_are_returned(one_backend):
     a, b = connect(one_backend), connect(one_backend)
     try:
