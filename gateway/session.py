@@ -115,7 +115,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         "key", "settings", "startup_settings", "settings_dirty", "custom_names", "link",
         "waiting", "wait_since", "pending", "pins", "pin_check", "pin_epoch", "stmts",
         "unnamed_parse", "sql_stmts", "sql_deps", "unnamed_dep", "stmt_pins", "stmt_effects",
-        "unnamed_effects", "pending_resets", "pending_drop", "unnamed_pin", "setting_stmts",
+        "unnamed_effects", "pending_resets", "pending_drop", "portal_drops", "unnamed_pin", "setting_stmts",
         "unnamed_sets", "unnamed_token", "skip_until_sync", "unsynced", "slot", "paused_backend",
         "listen", "stmt_listen", "unnamed_listen", "portal_listen", "held", "holds", "ssl_done", "gss_done", "tls_in_use", "handshaking",
         "tls_task", "corked", "stmt_prepares", "unnamed_prepare", "portal_prepare", "seq_user",
@@ -170,7 +170,8 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         self.stmt_effects: dict[bytes, tuple[tuple[str, ...], bool, bool] | None] = NO_ENTRIES  # type: ignore[assignment]
         self.unnamed_effects: tuple[tuple[str, ...], bool, bool] | None = None
         self.pending_resets: tuple[str, ...] = ()
-        self.pending_drop = False
+        self.pending_drop = False  # a DEALLOCATE ALL / DISCARD ALL was executed since Sync
+        self.portal_drops = False  # the unnamed portal's statement is one
         self.unnamed_pin: str | None = None
         # Statements whose execution may change settings, or roles and databases (client
         # names; the unnamed one): their Bind looks up stmt_effects.
@@ -450,6 +451,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         else:
             # What the unnamed Parse, Bind and Sync of a plain statement book.
             self.unnamed_prepare = self.portal_prepare = self.unnamed_dep = None
+            self.portal_drops = False
             self.unnamed_pin = self.unnamed_effects = None
             self.unnamed_listen = self.portal_listen = ()
             self.unnamed_sets = False
@@ -512,6 +514,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         first if this backend lacks it), and each message is kept for a heal."""
         self.portal_listen = ()
         self.portal_prepare = None
+        self.portal_drops = False
         bname = self._backend_stmt(link, name)  # never None: the name was checked
         bind_end = 1 + int.from_bytes(data[1:5], "big")
         bind = msg(B, b"\x00" + bname + data[6 + len(name) : bind_end])
@@ -1049,14 +1052,16 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             pe = cstr_end(payload, 0)
             se = cstr_end(payload, pe + 1)
             name = payload[pe + 1 : se]
+            drops = False
             if (name in self.setting_stmts) if name else self.unnamed_sets:
                 self.settings_dirty = True
                 after = self.stmt_effects.get(name) if name else self.unnamed_effects
                 if after is not None:
                     self.pending_resets += after[0]
-                    self.pending_drop = self.pending_drop or after[1]
+                    drops = after[1]
                     if after[2]:
                         link.logins_changed = True
+            self.portal_drops = drops
             # Executing it may create pinning state (the Parse may be a Sync earlier).
             pin = self.stmt_pins.get(name) if name else self.unnamed_pin
             if pin is not None:
@@ -1107,13 +1112,17 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             on_done = self._listen_sent(link, ops) if ops else None
             if self.portal_prepare is not None:
                 on_done = self._prepared_by_execute(link, self.portal_prepare, on_done)
+            if self.portal_drops:
+                on_done = self._dropped_by_execute(link, on_done)
             link.send(K_EXEC, raw, on_done=on_done)
         elif mtype == S:
             self.skip_until_sync = self.unsynced = False
             link.send(K_SYNC, raw)
             if self.pending_drop:
+                # A DEALLOCATE ALL or DISCARD ALL ran in the group: what follows waits
+                # for its answer, which tells whether the backend dropped anything.
                 self.pending_drop = False
-                self._dropped_all(link)
+                self._barrier(link.queue[-1])
             if self.pending_resets:
                 targets, self.pending_resets = self.pending_resets, ()
                 self._after_resets(link, targets)

@@ -357,6 +357,23 @@ class StatementBook:
 
         return done
 
+    def _dropped_by_execute(self, link: BackendLink,
+                            then: Callable[[bool], None] | None) -> Callable[[bool], None]:
+        """The Execute of a DEALLOCATE ALL or DISCARD ALL: the books drop every statement
+        as it is sent and get them back in the returned on_done if it failed (DISCARD ALL
+        in a pipeline's implicit transaction, or skipped after an earlier error), when
+        the backend still has them. What follows the group's Sync waits for it."""
+        undo = self._drop_all_now(link)
+        self.pending_drop = True
+
+        def done(ok: bool) -> None:
+            if then is not None:
+                then(ok)
+            if not ok:
+                undo()
+
+        return done
+
     def _backend_stmt(self, link: BackendLink, name: bytes) -> bytes | None:
         """Backend name for our statement ``name``, prepared there first if need be."""
         entry = self.stmts.get(name)
