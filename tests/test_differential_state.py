@@ -1,0 +1,183 @@
+"""Differential property test over the session state that pins a backend or keeps it.
+
+The companion of test_differential.py (settings and SQL prepared statements): here
+the statements create temp tables, hold advisory locks and cursors, switch roles,
+set session characteristics, DISCARD, and read and write sequence state, one at a
+time or several in one libpq pipeline (one extended-protocol group, one Sync).
+Every interleaving of 2-3 sessions runs through pgfleet, whose three backends the
+sessions share, and straight against Postgres, each session on its own backend; both
+sides must agree after every step. Each side has a database of its own, so that
+sequence values and rows match.
+
+One difference is documented, not a bug: currval() and lastval() may answer 55000
+through pgfleet where Postgres has a value (the README's "Sequence state"), so an
+example stops comparing there; never the other way round, nor with another value.
+"""
+
+from __future__ import annotations
+
+import select
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from psycopg import pq
+
+from .test_differential import IDLE, Side, Watchdog, _explain
+
+DATABASES = {"pgfleet": "diff_state_via", "postgres": "diff_state_direct"}
+OBSERVATIONS = [
+    "select count(*) from tt",
+    "select currval('ts_id_seq')",
+    "select lastval()",
+    "select current_user, session_user",
+    "SHOW transaction_isolation",
+    "FETCH 1 FROM c",
+    "select pg_try_advisory_lock(1)",
+    "select pg_try_advisory_lock(2)",
+]
+STATEMENTS = [
+    "CREATE TEMP TABLE tt (x int)", "INSERT INTO tt VALUES (1)", "DROP TABLE tt",
+    "DISCARD TEMP", "DISCARD SEQUENCES", "DISCARD PLANS", "DISCARD ALL",
+    "select nextval('ts_id_seq')", "select setval('ts_id_seq', 100)",
+    "INSERT INTO ts (v) VALUES (1) RETURNING id",
+    "select pg_try_advisory_lock(1)", "select pg_try_advisory_lock(2)",
+    "select pg_advisory_unlock(1)", "select pg_advisory_unlock_all()",
+    "select pg_try_advisory_xact_lock(1)",
+    "DECLARE c CURSOR WITH HOLD FOR SELECT generate_series(1,5)",
+    "DECLARE c CURSOR FOR SELECT generate_series(1,5)",
+    "FETCH 2 FROM c", "MOVE 1 IN c", "CLOSE c", "CLOSE ALL",
+    "SET ROLE diff_state_role", "RESET ROLE",
+    "SET SESSION AUTHORIZATION diff_state_role", "RESET SESSION AUTHORIZATION",
+    "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+    "SET default_transaction_isolation = 'serializable'",
+    "BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT s", "ROLLBACK TO SAVEPOINT s",
+    "PREPARE pa AS SELECT 1", "EXECUTE pa", "DEALLOCATE pa",
+    "SET search_path = sa", "RESET ALL",
+]
+statement = st.sampled_from(STATEMENTS + OBSERVATIONS)
+# A sequence read pipelined behind other statements is a documented difference.
+pipelined = st.sampled_from(STATEMENTS + OBSERVATIONS[:1] + OBSERVATIONS[3:])
+PIPE = "PIPE:"
+step_statement = st.one_of(
+    statement, statement,
+    st.lists(pipelined, min_size=2, max_size=4).map(lambda sqls: PIPE + "|".join(sqls)),
+)
+
+
+@st.composite
+def scenarios(draw):
+    n = draw(st.integers(2, 3))
+    steps = draw(st.lists(st.tuples(st.integers(0, n - 1), step_statement),
+                          min_size=1, max_size=30))
+    return [False] * n, steps
+
+
+@pytest.fixture(scope="module")
+def srv(make_module_server):
+    server = make_module_server("--pool-size", "3", "--workers", "2",
+                                "--query-wait-timeout", "10")
+    with psycopg.connect(server.direct_dsn(), autocommit=True, connect_timeout=10) as c:
+        c.execute("create role diff_state_role")
+        for db in DATABASES.values():
+            c.execute(f"create database {db}")
+    for db in DATABASES.values():
+        with psycopg.connect(server.direct_dsn(db), autocommit=True, connect_timeout=10) as c:
+            c.execute("create schema sa")
+            c.execute("create table ts (id serial primary key, v int)")
+            c.execute("grant all on table ts to diff_state_role")
+            c.execute("grant all on sequence ts_id_seq to diff_state_role")
+    return server
+
+
+def run_pipeline(side: Side, i: int, statements: list[str]) -> tuple:
+    """Send the statements in one libpq pipeline (Parse, Bind, Execute each, one Sync),
+    then read every result in order: deterministic, unlike a driver's pipeline mode."""
+    conn = side.conns[i]
+    side.notices[i].clear()
+    pg = conn.pgconn
+    out = []
+    pg.enter_pipeline_mode()
+    try:
+        for sql in statements:
+            pg.send_query_params(sql.encode(), None)
+        pg.pipeline_sync()
+        while pg.flush():
+            select.select([], [pg.socket], [], 10)
+        while True:
+            while pg.is_busy():
+                if not select.select([pg.socket], [], [], 10)[0]:
+                    return ("no answer in 10 s",)
+                pg.consume_input()
+            res = pg.get_result()
+            if res is None:
+                continue
+            if res.status == pq.ExecStatus.PIPELINE_SYNC:
+                break
+            rows = None
+            if res.status == pq.ExecStatus.TUPLES_OK:
+                rows = [[res.get_value(r, c) for c in range(res.nfields)]
+                        for r in range(res.ntuples)]
+            out.append((pq.ExecStatus(res.status).name,
+                        res.error_field(pq.DiagnosticField.SQLSTATE), res.command_status, rows))
+    finally:
+        pg.exit_pipeline_mode()
+    return (out, side.notices[i], conn.info.transaction_status.name)
+
+
+class Diverged(Exception):
+    """The documented sequence difference: the two sides differ from here on."""
+
+
+@pytest.mark.parametrize("prepare_threshold", [None, 0], ids=["simple", "always"])
+# derandomize: CI explores the same examples every run; --hypothesis-seed=random explores.
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(scenario=scenarios())
+def test_session_state_through_pgfleet_matches_postgres(srv, prepare_threshold, scenario):
+    for db in DATABASES.values():
+        with psycopg.connect(srv.direct_dsn(db), autocommit=True, connect_timeout=10) as c:
+            c.execute("truncate ts restart identity")
+    startup, steps = scenario
+    via = Side(srv.dsn(dbname=DATABASES["pgfleet"]), startup, prepare_threshold)
+    try:
+        direct = Side(srv.direct_dsn(DATABASES["postgres"]), startup, prepare_threshold)
+    except BaseException:
+        via.close()
+        raise
+    watchdog = Watchdog(60.0, via, direct)
+    history: list[tuple[int, str]] = []
+
+    def step(i: int, sql: str) -> None:
+        history.append((i, sql))
+        if sql.startswith(PIPE):
+            got = run_pipeline(via, i, sql[len(PIPE):].split("|"))
+            expected = run_pipeline(direct, i, sql[len(PIPE):].split("|"))
+        else:
+            got, expected = via.run(i, sql), direct.run(i, sql)
+        assert not watchdog.fired, f"no answer within {watchdog.seconds:g} s" + _explain(
+            history, got, expected, via, direct)
+        if (got != expected and ("currval" in sql or "lastval" in sql)
+                and got[0] == ("error", "55000")):
+            raise Diverged
+        assert got == expected, _explain(history, got, expected, via, direct)
+
+    try:
+        current = 0
+        for want, sql in steps:
+            # As in test_differential: switch only while the current session is idle.
+            if direct.conns[current].info.transaction_status == IDLE:
+                current = want
+            step(current, sql)
+        if direct.conns[current].info.transaction_status != IDLE:
+            step(current, "ROLLBACK")
+        for i in range(len(startup)):
+            for sql in OBSERVATIONS:
+                step(i, sql)
+    except Diverged:
+        pass
+    finally:
+        watchdog.cancel()
+        via.close()
+        direct.close()
