@@ -499,6 +499,11 @@ class BackendLink(asyncio.Protocol):
                 e = queue.popleft()
                 if e.on_done is not None:
                     e.on_done(False)
+            if not queue and self.session is not None:
+                # The group's Sync is still to come (the client sent Flush, or the rest
+                # of its pipeline waits at a gate): Postgres ignores what the session
+                # sends until then, and so must the session.
+                self.session.skip_until_sync = True
             return
         if not head.swallow:
             if not (mtype == Z and head.hold_z):

@@ -222,6 +222,13 @@ class ListenSession:
         if not channels or "listen" in self.pins:
             return False  # (pinned: the backend's own LISTEN serves the session)
         state = self.listen
+        if self.skip_until_sync:
+            # An error earlier in its group: Postgres skips it, so it listens on nothing
+            # (held here before the error came, its channels are counted: uncount them).
+            if state is not None and state.counted is raw:
+                state.counted = None
+                state.statement_done(tuple(("listen", ch) for ch in channels), False)
+            return False
         if state is None:
             state = self.listen = ListenState()
         if state.counted is not raw:

@@ -16,15 +16,13 @@ example stops comparing there; never the other way round, nor with another value
 
 from __future__ import annotations
 
-import select
-
 import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from psycopg import pq
 
 from .test_differential import IDLE, Side, Watchdog, _explain
+from .wire import libpq_pipeline
 
 DATABASES = {"pgfleet": "diff_state_via", "postgres": "diff_state_direct"}
 OBSERVATIONS = [
@@ -92,38 +90,14 @@ def srv(make_module_server):
 
 
 def run_pipeline(side: Side, i: int, statements: list[str]) -> tuple:
-    """Send the statements in one libpq pipeline (Parse, Bind, Execute each, one Sync),
-    then read every result in order: deterministic, unlike a driver's pipeline mode."""
+    """The statements in one libpq pipeline on session ``i``, as comparable data."""
     conn = side.conns[i]
     side.notices[i].clear()
-    pg = conn.pgconn
-    out = []
-    pg.enter_pipeline_mode()
     try:
-        for sql in statements:
-            pg.send_query_params(sql.encode(), None)
-        pg.pipeline_sync()
-        while pg.flush():
-            select.select([], [pg.socket], [], 10)
-        while True:
-            while pg.is_busy():
-                if not select.select([pg.socket], [], [], 10)[0]:
-                    return ("no answer in 10 s",)
-                pg.consume_input()
-            res = pg.get_result()
-            if res is None:
-                continue
-            if res.status == pq.ExecStatus.PIPELINE_SYNC:
-                break
-            rows = None
-            if res.status == pq.ExecStatus.TUPLES_OK:
-                rows = [[res.get_value(r, c) for c in range(res.nfields)]
-                        for r in range(res.ntuples)]
-            out.append((pq.ExecStatus(res.status).name,
-                        res.error_field(pq.DiagnosticField.SQLSTATE), res.command_status, rows))
-    finally:
-        pg.exit_pipeline_mode()
-    return (out, side.notices[i], conn.info.transaction_status.name)
+        results: object = libpq_pipeline(conn, statements)
+    except TimeoutError as exc:
+        results = str(exc)
+    return (results, side.notices[i], conn.info.transaction_status.name)
 
 
 class Diverged(Exception):

@@ -489,6 +489,44 @@ def test_flush_keeps_the_backend_until_sync(two_backends):
         u.close()
 
 
+FAILED_BEFORE_SYNC = {
+    "parse": ([fe.encode_parse("", "selec 1")],
+              [fe.encode_bind("", "", []), fe.encode_execute()]),
+    "bind": ([fe.encode_parse("", "select $1::int", [INT4]), fe.encode_bind("", "", [])],
+             [fe.encode_describe("P", ""), fe.encode_execute()]),
+    "execute": ([fe.encode_parse("", "select 1/(2 - $1::int)", [INT4]),
+                 fe.encode_bind("", "", [b"2"]),
+                 fe.encode_execute()],
+                [fe.encode_parse("", "select 2"), fe.encode_bind("", "", []),
+                 fe.encode_execute()]),
+    "named": ([fe.encode_parse("flushed_bad", "select nope")],
+              [fe.encode_bind("", "flushed_bad", []), fe.encode_execute(),
+               fe.encode_close("S", "flushed_bad")]),
+}
+
+
+@pytest.mark.parametrize("case", FAILED_BEFORE_SYNC)
+def test_messages_after_an_error_answered_before_sync_get_no_reply(one_backend, case):
+    """A client sends part of a group and Flush, reads the error, then sends more of the
+    group and its Sync (drivers that Describe before they Bind do). Postgres skips
+    everything up to the Sync and answers only it: so must pgfleet, which used to wait
+    for replies to the skipped messages and never answered the Sync."""
+    first, then = FAILED_BEFORE_SYNC[case]
+    results = []
+    for c in (via(one_backend), direct(one_backend)):
+        with c:
+            c.send(b"".join(first) + fe.FLUSH)
+            got = summary(read_n(c, 1))
+            while got[-1][0] != "ErrorResponse":
+                got += summary(read_n(c, 1))
+            got += exchange(c, *then, fe.SYNC)
+            got += exchange(c, *group("select 3"))  # and the session goes on
+            results.append(got)
+    assert results[0] == results[1]
+    assert results[1][-3:] == [("DataRow", [b"3"]), ("CommandComplete", "SELECT 1"),
+                               ("ReadyForQuery", "I")]
+
+
 # ------------------------------------------------------------------ whole groups in one write
 
 

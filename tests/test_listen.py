@@ -201,6 +201,25 @@ def test_listen_between_statements_that_hold_what_follows(srv):
         assert_hears(srv, listener, "combo_chan")
 
 
+@pytest.mark.parametrize("failing", ["select 1/0", "SAVEPOINT s"])
+def test_listen_pipelined_behind_a_failing_statement(srv, failing):
+    """A libpq pipeline of a failing statement then a LISTEN on a channel the hub does
+    not listen on yet: the LISTEN waits for the hub while the error comes back, and
+    Postgres skips it. The pipeline is answered as Postgres answers it (it used to get
+    no answer at all), the session listens on nothing, and a LISTEN after it works."""
+    channel = f"behind_{failing.split()[0].lower()}"
+    with connect(srv) as conn:
+        got = wire.libpq_pipeline(conn, [failing, f"LISTEN {channel}"])
+        assert [r[0] for r in got] == ["FATAL_ERROR", "PIPELINE_ABORTED"]
+        with connect(srv) as sender:
+            sender.execute("select pg_notify(%s, 'not for the aborted listen')", (channel,))
+        assert received(conn, timeout=0.5) == []
+        conn.execute(f"LISTEN {channel}")
+        with connect(srv) as sender:
+            sender.execute("select pg_notify(%s, 'heard')", (channel,))
+        assert received(conn, expect=1) == [(channel, "heard")]
+
+
 def send_while_the_backend_is_busy(srv, client: wire.RawClient, data: bytes) -> None:
     """Send ``data`` while another session's transaction holds the only backend, and
     end that transaction a moment later: what ``data`` asks for waits in the queue."""

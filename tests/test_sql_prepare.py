@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import select
 import threading
 
 import psycopg
 import pytest
-from psycopg import pq
 
 from pgwire import backend as be
 from pgwire import frontend as fe
 
-from .wire import RawClient, data_rows, errors_in
+from .wire import RawClient, data_rows, errors_in, libpq_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -217,33 +215,6 @@ def test_statement_books_changed_by_pipelined_queries_match_postgres(one_backend
     assert through == direct
 
 
-def _libpq_pipeline(conn: psycopg.Connection, statements: list[str]) -> list[tuple]:
-    """Send the statements in one libpq pipeline (a Parse, Bind, Execute each, one Sync
-    at the end), then read every result in order: per statement its status and SQLSTATE."""
-    pg = conn.pgconn
-    out = []
-    pg.enter_pipeline_mode()
-    try:
-        for sql in statements:
-            pg.send_query_params(sql.encode(), None)
-        pg.pipeline_sync()
-        while pg.flush():
-            select.select([], [pg.socket], [], 10)
-        while True:
-            while pg.is_busy():
-                assert select.select([pg.socket], [], [], 10)[0], "no answer in 10 s"
-                pg.consume_input()
-            res = pg.get_result()
-            if res is None:
-                continue
-            if res.status == pq.ExecStatus.PIPELINE_SYNC:
-                return out
-            out.append((pq.ExecStatus(res.status).name,
-                        res.error_field(pq.DiagnosticField.SQLSTATE)))
-    finally:
-        pg.exit_pipeline_mode()
-
-
 @pytest.mark.parametrize("statements", [["select 1", "discard all"],
                                         ["select 1/0", "deallocate all"]],
                          ids=["refused", "skipped"])
@@ -257,7 +228,7 @@ def test_drop_all_that_fails_in_a_pipeline_drops_nothing(one_backend, statements
         dsn = one_backend.dsn() if target == "pgfleet" else one_backend.direct_dsn()
         with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as first:
             first.execute("select 'kept' as drop_all_test", prepare=True)
-            results[target] = _libpq_pipeline(first, statements)
+            results[target] = [r[:2] for r in libpq_pipeline(first, statements)]
             with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as second:
                 row = second.execute("select 'kept' as drop_all_test", prepare=True).fetchone()
                 assert row == ("kept",)

@@ -10,10 +10,13 @@ Postgres (a Unix socket path), so the two can be compared.
 from __future__ import annotations
 
 import hashlib
+import select
 import socket
 import struct
 import time
 
+import psycopg
+from psycopg import pq
 from scramp import ScramClient
 
 from pgwire import backend as be
@@ -245,3 +248,38 @@ def assert_fatal_then_eof(
         assert message in err.message, err.fields
     assert msgs[-1] is err, f"ErrorResponse must be the last message, got {msgs!r}"
     return err
+
+
+def libpq_pipeline(conn: psycopg.Connection, statements: list[str],
+                   timeout: float = 10.0) -> list[tuple]:
+    """Send the statements in one libpq pipeline (a Parse, Bind and Execute each, one
+    Sync at the end), then read every result in order, which a driver's pipeline mode
+    does not promise: per statement its status name, SQLSTATE, command tag and rows."""
+    pg = conn.pgconn
+    out: list[tuple] = []
+    pg.enter_pipeline_mode()
+    try:
+        for sql in statements:
+            pg.send_query_params(sql.encode(), None)
+        pg.pipeline_sync()
+        while pg.flush():
+            select.select([], [pg.socket], [], timeout)
+        while True:
+            while pg.is_busy():
+                if not select.select([pg.socket], [], [], timeout)[0]:
+                    raise TimeoutError(f"no answer to the pipeline in {timeout:g} s: {out!r}")
+                pg.consume_input()
+            res = pg.get_result()
+            if res is None:
+                continue  # the end of one statement's results
+            if res.status == pq.ExecStatus.PIPELINE_SYNC:
+                return out
+            rows = None
+            if res.status == pq.ExecStatus.TUPLES_OK:
+                rows = [[res.get_value(r, c) for c in range(res.nfields)]
+                        for r in range(res.ntuples)]
+            sqlstate = res.error_field(pq.DiagnosticField.SQLSTATE)
+            out.append((pq.ExecStatus(res.status).name,
+                        sqlstate.decode() if sqlstate else None, res.command_status, rows))
+    finally:
+        pg.exit_pipeline_mode()
