@@ -19,6 +19,7 @@ from ipc.statement_catalog import key_of_name
 from pgwire import backend as be
 from pgwire import frontend as fe
 from pgwire import sqlstate
+from pgwire.errors import error_response
 
 from . import sql_prepare
 from .backend import K_BIND, K_CLOSE, K_EXEC, K_PARSE, K_QUERY
@@ -378,11 +379,8 @@ class StatementBook:
         """Backend name for our statement ``name``, prepared there first if need be."""
         entry = self.stmts.get(name)
         if entry is None:
-            self._synth_error(
-                link,
-                sqlstate.UNDEFINED_PSTATEMENT,
-                f'prepared statement "{name.decode("utf-8", "replace")}" does not exist',
-            )
+            self._synth_error(link, sqlstate.UNDEFINED_PSTATEMENT, _does_not_exist(name),
+                              before_abort_check=True)
             return None
         bname, parse_raw = entry
         if bname in link.prepared:
@@ -415,9 +413,19 @@ class StatementBook:
         link.expect(K_PARSE, swallow=True, on_done=reparsed)
         link.write(self.unnamed_parse)
 
-    def _synth_error(self, link: BackendLink, code: str, message: str) -> None:
+    def _synth_error(self, link: BackendLink, code: str, message: str,
+                     before_abort_check: bool = False) -> None:
         """Fail an extended-protocol message with an error pgfleet decides, through the
-        backend, so it aborts the transaction (and skips to Sync) exactly as Postgres."""
+        backend, so it aborts the transaction (and skips to Sync) exactly as Postgres.
+
+        ``before_abort_check``: Postgres raises this error before it checks for an
+        aborted transaction (a Bind or Describe looks its statement up first), so in one
+        the client gets it, not the backend's 25P02: it is answered here, and what the
+        session sends up to its Sync is skipped, as the backend would skip it."""
+        if before_abort_check and link.status == "E" and all(e.swallow for e in link.queue):
+            self.skip_until_sync = True
+            link.push_synth(error_response("ERROR", code, message))
+            return
         link.unnamed_of = None  # the unnamed statement carries the DO block
         link.expect(K_PARSE, swallow=1)
         link.write(fe.encode_parse("", raise_sql(code, message)))

@@ -527,6 +527,26 @@ def test_messages_after_an_error_answered_before_sync_get_no_reply(one_backend, 
                                ("ReadyForQuery", "I")]
 
 
+@pytest.mark.parametrize("use", ["bind", "describe"])
+def test_unknown_statement_in_an_aborted_transaction(one_backend, use):
+    """Postgres looks a Bind's or Describe's statement up before it checks for an
+    aborted transaction: 26000, not 25P02 (psycopg re-running a statement DISCARD ALL
+    dropped, inside a failed transaction, sees it). Then the block goes on aborted."""
+    message = (fe.encode_bind("", "no_such_statement", []) + fe.encode_execute()
+               if use == "bind" else fe.encode_describe("S", "no_such_statement"))
+    results = []
+    for c in (via(one_backend), direct(one_backend)):
+        with c:
+            got = exchange(c, fe.encode_query("begin"), fe.encode_query("select 1/0"), syncs=2)
+            got += exchange(c, message, fe.SYNC)
+            got += exchange(c, *group("select 1"))
+            got += exchange(c, fe.encode_query("rollback"))
+            results.append(got)
+    assert results[0] == results[1]
+    assert ("ErrorResponse", "26000", 'prepared statement "no_such_statement" does not exist') \
+        in results[1]
+
+
 # ------------------------------------------------------------------ whole groups in one write
 
 
