@@ -34,8 +34,8 @@ class ListenState:
     """One session's channels, the changes of its open transaction, and the
     notifications waiting for it to be idle."""
 
-    __slots__ = ("channels", "txn_ops", "wanted", "inflight", "queue", "rolled_back", "failed",
-                 "explicit", "counted")
+    __slots__ = ("channels", "txn_ops", "wanted", "inflight", "queue", "rolled_back",
+                 "rollback_at", "failed", "explicit", "counted")
 
     def __init__(self) -> None:
         self.channels: set[bytes] = set()  # committed
@@ -49,6 +49,7 @@ class ListenState:
         self.queue: list[tuple[bytes, bytes]] = []  # (channel, NotificationResponse)
         # How the open transaction is going, from the replies the session sees.
         self.rolled_back = False  # the last COMMIT/ROLLBACK tag was ROLLBACK
+        self.rollback_at = 0  # txn_ops before it were rolled back (if it was no savepoint's)
         self.failed = False  # an error since the last ReadyForQuery
         self.explicit = False  # a transaction block was open at some ReadyForQuery
 
@@ -56,7 +57,11 @@ class ListenState:
         for ch in channels:
             self.inflight[ch] = self.inflight.get(ch, 0) + 1
 
-    def statement_done(self, ops: tuple[tuple[str, bytes | None], ...], ok: bool) -> None:
+    def statement_done(self, ops: tuple[tuple[str, bytes | None], ...], ok: bool,
+                       query: bool = False) -> None:
+        """``query``: the ops of a whole simple Query, booked at its end, after the tags
+        of its statements: if one was ROLLBACK, they settle with it (which of them ran
+        before it is not known), else with the Query's last transaction."""
         for op, ch in ops:
             if op == "listen":
                 n = self.inflight.get(ch, 0) - 1
@@ -66,11 +71,20 @@ class ListenState:
                     self.inflight.pop(ch, None)
         if ok:
             self.txn_ops.extend(ops)
+            if query and self.rolled_back:
+                self.rollback_at = len(self.txn_ops)
 
     def command_tag(self, payload: bytes) -> None:
+        """COMMIT and ROLLBACK end a transaction in the middle of a multi-statement
+        Query or a pipeline too: what came before settles there, what follows is the
+        next transaction's. (ROLLBACK TO SAVEPOINT has the tag ROLLBACK as well: the
+        ops before it stay and a later COMMIT applies them, the whole-transaction view.)"""
         if payload.startswith(b"ROLLBACK"):
             self.rolled_back = True
+            self.rollback_at = len(self.txn_ops)
         elif payload.startswith(b"COMMIT"):
+            self._apply(self.txn_ops)
+            self.txn_ops.clear()
             self.rolled_back = False
 
     def ready(self, status: str) -> bool:
@@ -78,18 +92,22 @@ class ListenState:
         if status != "I":
             self.explicit = True
             return False
-        committed = not self.rolled_back and not (self.failed and not self.explicit)
-        if committed:
-            for op, channel in self.txn_ops:
-                if op == "listen":
-                    self.channels.add(channel)
-                elif channel is None:
-                    self.channels.clear()
-                else:
-                    self.channels.discard(channel)
+        ops = self.txn_ops[self.rollback_at:] if self.rolled_back else self.txn_ops
+        if not (self.failed and not self.explicit):
+            self._apply(ops)
         self.txn_ops.clear()
         self.rolled_back = self.failed = self.explicit = False
         return True
+
+    def _apply(self, ops: list[tuple[str, bytes | None]]) -> None:
+        """A transaction with these LISTEN/UNLISTEN ops committed."""
+        for op, channel in ops:
+            if op == "listen":
+                self.channels.add(channel)
+            elif channel is None:
+                self.channels.clear()
+            else:
+                self.channels.discard(channel)
 
     def take_deliverable(self) -> list[bytes]:
         """Queued notifications for channels the session (now) listens on."""
@@ -301,9 +319,11 @@ class ListenSession:
         else:
             self._on_message_ungated(mtype, payload, raw)
 
-    def _listen_sent(self, link: BackendLink, ops: tuple[tuple[str, bytes | None], ...]):
-        """The backend runs a statement with LISTEN ops: returns the on_done that books
-        them once it worked (they take effect when its transaction commits)."""
+    def _listen_sent(self, link: BackendLink, ops: tuple[tuple[str, bytes | None], ...],
+                     query: bool = False):
+        """The backend runs a statement (``query``: a simple Query) with LISTEN ops:
+        returns the on_done that books them once it worked (they take effect when its
+        transaction commits)."""
         if self.listen is None:
             self.listen = ListenState()
         if any(op == "listen" for op, _ in ops):
@@ -311,7 +331,7 @@ class ListenSession:
         state = self.listen
 
         def done(ok: bool) -> None:
-            state.statement_done(ops, ok)
+            state.statement_done(ops, ok, query)
 
         return done
 

@@ -1022,7 +1022,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             if cmd is None:
                 self._note_pins(fx)
                 ops = fx.listen
-                link.expect(K_QUERY, on_done=self._listen_sent(link, ops) if ops else None)
+                link.expect(K_QUERY, on_done=self._listen_sent(link, ops, True) if ops else None)
                 query_entry = link.queue[-1]
                 link.write(raw)
             else:

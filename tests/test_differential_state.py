@@ -2,8 +2,11 @@
 
 The companion of test_differential.py (settings and SQL prepared statements): here
 the statements create temp tables, hold advisory locks and cursors, switch roles,
-set session characteristics, DISCARD, and read and write sequence state, one at a
-time or several in one libpq pipeline (one extended-protocol group, one Sync).
+set session characteristics, DISCARD, LISTEN and NOTIFY, and read and write sequence
+state, one at a time or several in one libpq pipeline (one extended-protocol group,
+one Sync). A COLLECT step compares the notifications a session has received: Postgres
+delivers them at once, pgfleet's LISTEN hub a moment later, so pgfleet's side is given
+up to 3 s to catch up.
 Every interleaving of 2-3 sessions runs through pgfleet, whose three backends the
 sessions share, and straight against Postgres, each session on its own backend; both
 sides must agree after every step. Each side has a database of its own, so that
@@ -16,12 +19,15 @@ example stops comparing there; never the other way round, nor with another value
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .test_differential import IDLE, Side, Watchdog, _explain
+from .test_differential import IDLE, Watchdog, _explain
+from .test_differential import Side as SettingsSide
 from .wire import libpq_pipeline
 
 DATABASES = {"pgfleet": "diff_state_via", "postgres": "diff_state_direct"}
@@ -53,8 +59,11 @@ STATEMENTS = [
     "BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT s", "ROLLBACK TO SAVEPOINT s",
     "PREPARE pa AS SELECT 1", "EXECUTE pa", "DEALLOCATE pa",
     "SET search_path = sa", "RESET ALL",
+    "LISTEN ch1", 'LISTEN "Ch2"', "UNLISTEN ch1", "UNLISTEN *",
+    "NOTIFY ch1, 'a'", "select pg_notify('Ch2', 'b')",
 ]
-statement = st.sampled_from(STATEMENTS + OBSERVATIONS)
+COLLECT = "COLLECT"
+statement = st.sampled_from(STATEMENTS + OBSERVATIONS + [COLLECT])
 # A sequence read pipelined behind other statements is a documented difference.
 pipelined = st.sampled_from(STATEMENTS + OBSERVATIONS[:1] + OBSERVATIONS[3:])
 PIPE = "PIPE:"
@@ -87,6 +96,27 @@ def srv(make_module_server):
             c.execute("grant all on table ts to diff_state_role")
             c.execute("grant all on sequence ts_id_seq to diff_state_role")
     return server
+
+
+class Side(SettingsSide):
+    """The sessions of one side, each also recording the notifications it receives."""
+
+    def __init__(self, dsn: str, startup: list[bool], prepare_threshold: int | None) -> None:
+        super().__init__(dsn, startup, prepare_threshold)
+        self.heard: list[list[tuple[str, str]]] = [[] for _ in self.conns]
+        for conn, heard in zip(self.conns, self.heard, strict=True):
+            conn.add_notify_handler(lambda n, heard=heard: heard.append((n.channel, n.payload)))
+
+    def take_heard(self, i: int, at_least: int = 0, wait: float = 0.0) -> list[tuple[str, str]]:
+        """What session ``i`` heard since the last call (reading the socket with a query;
+        up to ``wait`` seconds for ``at_least`` notifications)."""
+        deadline = time.monotonic() + wait
+        self.conns[i].execute("select 1")
+        while len(self.heard[i]) < at_least and time.monotonic() < deadline:
+            time.sleep(0.02)
+            self.conns[i].execute("select 1")
+        heard, self.heard[i] = self.heard[i], []
+        return heard
 
 
 def run_pipeline(side: Side, i: int, statements: list[str]) -> tuple:
@@ -125,7 +155,12 @@ def test_session_state_through_pgfleet_matches_postgres(srv, prepare_threshold, 
 
     def step(i: int, sql: str) -> None:
         history.append((i, sql))
-        if sql.startswith(PIPE):
+        if sql == COLLECT:
+            if direct.conns[i].info.transaction_status != IDLE:
+                return  # (notifications wait for the end of the transaction)
+            expected = direct.take_heard(i)
+            got = via.take_heard(i, at_least=len(expected), wait=3.0)
+        elif sql.startswith(PIPE):
             got = run_pipeline(via, i, sql[len(PIPE):].split("|"))
             expected = run_pipeline(direct, i, sql[len(PIPE):].split("|"))
         else:
@@ -146,8 +181,9 @@ def test_session_state_through_pgfleet_matches_postgres(srv, prepare_threshold, 
             step(current, sql)
         if direct.conns[current].info.transaction_status != IDLE:
             step(current, "ROLLBACK")
+        time.sleep(0.1)  # the last notifications reach Postgres's own listeners
         for i in range(len(startup)):
-            for sql in OBSERVATIONS:
+            for sql in [*OBSERVATIONS, COLLECT]:
                 step(i, sql)
     except Diverged:
         pass

@@ -220,6 +220,39 @@ def test_listen_pipelined_behind_a_failing_statement(srv, failing):
         assert received(conn, expect=1) == [(channel, "heard")]
 
 
+TRANSACTIONS_IN_ONE_UNIT = [
+    ["ROLLBACK", "LISTEN unit_a"],
+    ["LISTEN unit_a", "ROLLBACK", "LISTEN unit_b"],
+    ["BEGIN", "LISTEN unit_a", "COMMIT", "BEGIN", "LISTEN unit_b", "ROLLBACK"],
+    ["LISTEN unit_a", "COMMIT", "select 1/0"],
+    ["LISTEN unit_a", "LISTEN unit_b", "COMMIT", "UNLISTEN unit_a", "select 1/0"],
+]
+
+
+@pytest.mark.parametrize("statements", TRANSACTIONS_IN_ONE_UNIT, ids=lambda s: "+".join(
+    w.split()[0].lower() for w in s))
+def test_commit_and_rollback_inside_one_pipeline(srv, statements):
+    """A COMMIT or ROLLBACK in the middle of a libpq pipeline ends a transaction there:
+    the LISTENs before it settle with it, those after it belong to the next one. The
+    channels heard are those Postgres listens on after the same statements. (Inside
+    one multi-statement simple Query the LISTENs settle together, with a ROLLBACK if
+    the Query ran one, else with its last transaction: the README's known difference.)"""
+    with psycopg.connect(srv.direct_dsn(), autocommit=True) as direct:
+        wire.libpq_pipeline(direct, statements)
+        expected = sorted(r[0] for r in direct.execute("select pg_listening_channels()"))
+    with connect(srv) as conn:
+        conn.execute("LISTEN unit_done")
+        wire.libpq_pipeline(conn, statements)
+        with connect(srv) as sender:
+            sender.execute("NOTIFY unit_a; NOTIFY unit_b; NOTIFY unit_done")
+        heard = []
+        for n in conn.notifies(timeout=5):
+            if n.channel == "unit_done":
+                break
+            heard.append(n.channel)
+    assert sorted(heard) == expected
+
+
 def send_while_the_backend_is_busy(srv, client: wire.RawClient, data: bytes) -> None:
     """Send ``data`` while another session's transaction holds the only backend, and
     end that transaction a moment later: what ``data`` asks for waits in the queue."""
