@@ -21,6 +21,8 @@ import contextlib
 import os
 import socket
 import threading
+import time
+from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -211,26 +213,34 @@ def run_scenario(srv, scenario, prepare_threshold: int | None) -> None:
         assert got == expected, _explain(history, got, expected, via, direct)
 
     try:
-        current = 0
-        for want, sql in steps:
-            # Switch sessions only while the current one is outside a transaction. A session
-            # inside one holds a backend; with --pool-size 1 a statement sent on another
-            # session would wait for that backend, while this single thread waits for the
-            # statement: a deadlock of the test, not of pgfleet. Direct Postgres decides
-            # (and every step checks that both sides report the same transaction status).
-            if direct.conns[current].info.transaction_status == IDLE:
-                current = want
-            step(current, sql)
-        # At the end every session, outside any transaction, must see its own state.
-        if direct.conns[current].info.transaction_status != IDLE:
-            step(current, "ROLLBACK")
-        for i in range(len(startup)):
-            for sql in [*OBSERVATIONS, "check prepared"]:
-                step(i, sql)
+        drive(steps, step, direct, [*OBSERVATIONS, "check prepared"])
     finally:
         watchdog.cancel()
         via.close()
         direct.close()
+
+
+def drive(steps: list[tuple[int, str]], step: Callable[[int, str], None], direct: Side,
+          final: list[str], settle: float = 0.0) -> None:
+    """Run a scenario's steps, then ``final`` on every session, outside any transaction
+    (after ``settle`` seconds): each must see its own state.
+
+    Sessions switch only while the current one is outside a transaction. A session
+    inside one holds a backend; with --pool-size 1 a statement sent on another session
+    would wait for that backend, while this single thread waits for the statement: a
+    deadlock of the test, not of pgfleet. Direct Postgres decides (and every step checks
+    that both sides report the same transaction status)."""
+    current = 0
+    for want, sql in steps:
+        if direct.conns[current].info.transaction_status == IDLE:
+            current = want
+        step(current, sql)
+    if direct.conns[current].info.transaction_status != IDLE:
+        step(current, "ROLLBACK")
+    time.sleep(settle)
+    for i in range(len(direct.conns)):
+        for sql in final:
+            step(i, sql)
 
 
 def _explain(history, got, expected, via: Side, direct: Side) -> str:

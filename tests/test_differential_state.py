@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .test_differential import IDLE, Watchdog, _explain
+from .test_differential import IDLE, Watchdog, _explain, drive
 from .test_differential import Side as SettingsSide
 from .wire import libpq_pipeline
 
@@ -173,18 +173,8 @@ def test_session_state_through_pgfleet_matches_postgres(srv, prepare_threshold, 
         assert got == expected, _explain(history, got, expected, via, direct)
 
     try:
-        current = 0
-        for want, sql in steps:
-            # As in test_differential: switch only while the current session is idle.
-            if direct.conns[current].info.transaction_status == IDLE:
-                current = want
-            step(current, sql)
-        if direct.conns[current].info.transaction_status != IDLE:
-            step(current, "ROLLBACK")
-        time.sleep(0.1)  # the last notifications reach Postgres's own listeners
-        for i in range(len(startup)):
-            for sql in [*OBSERVATIONS, COLLECT]:
-                step(i, sql)
+        # (settle: the last notifications reach Postgres's own listeners.)
+        drive(steps, step, direct, [*OBSERVATIONS, COLLECT], settle=0.1)
     except Diverged:
         pass
     finally:
