@@ -10,6 +10,7 @@ prepares them again on a backend that lacks them. SQL-level statements are renam
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from types import MappingProxyType
@@ -24,7 +25,7 @@ from pgwire.errors import error_response
 from . import sql_prepare
 from .backend import K_BIND, K_CLOSE, K_EXEC, K_PARSE, K_QUERY
 from .classify import effects
-from .protocol import P, Q, cstr_end, msg, raise_sql
+from .protocol import C, P, Q, cstr_end, msg, raise_sql
 
 if TYPE_CHECKING:
     from .backend import BackendLink
@@ -75,6 +76,8 @@ class StatementBook:
         if not name or name in self.stmts:
             return False
         body = payload[ne + 1 :]
+        if _SHAPED_BY_CURSOR.match(body):
+            return False  # its Describe needs the session's cursor: see _parse
         bname = self._statement_name(body)
         if not self.worker.statement_known(bname):
             return False
@@ -329,7 +332,15 @@ class StatementBook:
                 if self.stmts.get(name) is entry:
                     del self.stmts[name]
 
-        if bname in link.prepared:
+        if bname in link.prepared and _SHAPED_BY_CURSOR.match(query):
+            # Postgres fixed this FETCH's result description when the backend parsed it,
+            # from the cursor as it was then (perhaps another session's, or none): parse
+            # it again, so that a Describe of it sees this session's cursor.
+            link.expect(K_CLOSE, swallow=1)
+            link.write(msg(C, b"S" + bname + b"\x00"))
+            link.expect(K_PARSE, on_done=parsed_named)
+            link.write(entry[1])
+        elif bname in link.prepared:
             link.prepared.touch(bname)
             link.push_synth(be.PARSE_COMPLETE, on_done=parsed_named)
         else:
@@ -433,6 +444,10 @@ class StatementBook:
         link.write(fe.encode_bind("", "", []))
         link.expect(K_EXEC, swallow=1)
         link.write(fe.encode_execute("", 0))
+
+
+# A statement whose result shape is the shape of a cursor the session has.
+_SHAPED_BY_CURSOR = re.compile(rb"\s*fetch\b", re.IGNORECASE)
 
 
 def _does_not_exist(name: bytes) -> str:

@@ -21,6 +21,7 @@ import uuid
 from decimal import Decimal
 
 import asyncpg
+import pytest
 
 from .conftest import PASSWORD
 
@@ -538,3 +539,31 @@ def test_pool_release_resets_what_each_user_left(server):
         return problems
 
     assert run(main()) == []
+
+
+def test_fetch_from_a_cursor_describes_the_sessions_cursor(make_server):
+    """asyncpg prepares FETCH (Parse, Describe, Flush) and checks rows against the
+    description. Postgres fixes a prepared FETCH's description when it parses it, from
+    the cursor as it is then: the backend statement pgfleet shares between sessions
+    must not be one another session parsed before this session's cursor existed
+    (NoData, then a row: asyncpg's ProtocolError)."""
+    srv = make_server("--pool-size", "1", "--workers", "1", "--query-wait-timeout", "10")
+
+    async def main() -> None:
+        other, owner = await connect(srv), await connect(srv)
+        try:
+            # The other session prepares the text first, on the only backend, with no
+            # cursor there: Postgres describes it NoData and says 34000 when run.
+            with pytest.raises(asyncpg.InvalidCursorNameError):
+                await other.fetch("FETCH 2 FROM shaped")
+            await owner.execute("DECLARE shaped CURSOR WITH HOLD FOR"
+                                " SELECT g, g * 10 AS tens FROM generate_series(1, 5) g")
+            rows = await owner.fetch("FETCH 2 FROM shaped")
+            assert [tuple(r) for r in rows] == [(1, 10), (2, 20)]
+            assert list(rows[0].keys()) == ["g", "tens"]
+            await owner.execute("CLOSE shaped")
+        finally:
+            await other.close()
+            await owner.close()
+
+    run(main())
