@@ -292,6 +292,11 @@ class BackendLink(asyncio.Protocol):
             self.unnamed_of = None  # Postgres drops the unnamed statement on a simple Query
         self.queue.append(Expect(kind, swallow, on_done, None, rows))
 
+    def nothing_of_the_client_outstanding(self) -> bool:
+        """Every reply still owed here answers pgfleet's own messages (a pin check, a
+        DISCARD SEQUENCES): a message written now is the next thing of the client's."""
+        return all(e.swallow for e in self.queue)
+
     def expect_all(self, plain: Sequence[Expect]) -> None:
         """Replies to a group of plain messages the caller writes itself (BARE entries)."""
         if plain[0].kind == K_QUERY:

@@ -245,7 +245,7 @@ class ListenSession:
             # (held here before the error came, its channels are counted: uncount them).
             if state is not None and state.counted is raw:
                 state.counted = None
-                state.statement_done(tuple(("listen", ch) for ch in channels), False)
+                state.statement_done(ops, False)
             return False
         if state is None:
             state = self.listen = ListenState()

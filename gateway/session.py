@@ -826,7 +826,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         """DISCARD SEQUENCES ahead of the statement being sent, if the backend's state may
         be another session's and nothing of this session's is outstanding there (queries
         of pgfleet's own, as a pin check, change no sequence state)."""
-        if link.seq_foreign and link.status == "I" and all(e.swallow for e in link.queue):
+        if link.seq_foreign and link.status == "I" and link.nothing_of_the_client_outstanding():
             self._own_sequences(link)
 
     def on_lease_failed(self, fields: dict[str, str]) -> None:
@@ -1035,16 +1035,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
                 self._after_resets(link, fx.resets)
             if fx.drops and query_entry is not None:
                 # Undone if it fails: a DEALLOCATE ALL in an aborted transaction does.
-                undo = self._drop_all_now(link)
-                listen_done = query_entry.on_done
-
-                def dropped(ok: bool) -> None:
-                    if listen_done is not None:
-                        listen_done(ok)
-                    if not ok:
-                        undo()
-
-                query_entry.on_done = dropped
+                query_entry.on_done = self._drop_all_sent(link, query_entry.on_done)
                 self._barrier(query_entry)
         elif mtype == P:
             self._parse(link, payload, raw, starts_group)
@@ -1113,7 +1104,8 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             if self.portal_prepare is not None:
                 on_done = self._prepared_by_execute(link, self.portal_prepare, on_done)
             if self.portal_drops:
-                on_done = self._dropped_by_execute(link, on_done)
+                on_done = self._drop_all_sent(link, on_done)
+                self.pending_drop = True  # what follows the group's Sync waits for it
             link.send(K_EXEC, raw, on_done=on_done)
         elif mtype == S:
             self.skip_until_sync = self.unsynced = False

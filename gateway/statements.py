@@ -369,14 +369,14 @@ class StatementBook:
 
         return done
 
-    def _dropped_by_execute(self, link: BackendLink,
+    def _drop_all_sent(self, link: BackendLink,
                             then: Callable[[bool], None] | None) -> Callable[[bool], None]:
-        """The Execute of a DEALLOCATE ALL or DISCARD ALL: the books drop every statement
-        as it is sent and get them back in the returned on_done if it failed (DISCARD ALL
-        in a pipeline's implicit transaction, or skipped after an earlier error), when
-        the backend still has them. What follows the group's Sync waits for it."""
+        """A DEALLOCATE ALL or DISCARD ALL (its Execute, or the simple Query of it) is
+        sent: the books drop every statement now and get them back in the returned
+        on_done if it failed (in an aborted transaction or a block, DISCARD ALL in a
+        pipeline's implicit transaction, skipped after an earlier error), when the
+        backend still has them."""
         undo = self._drop_all_now(link)
-        self.pending_drop = True
 
         def done(ok: bool) -> None:
             if then is not None:
@@ -433,7 +433,7 @@ class StatementBook:
         aborted transaction (a Bind or Describe looks its statement up first), so in one
         the client gets it, not the backend's 25P02: it is answered here, and what the
         session sends up to its Sync is skipped, as the backend would skip it."""
-        if before_abort_check and link.status == "E" and all(e.swallow for e in link.queue):
+        if before_abort_check and link.status == "E" and link.nothing_of_the_client_outstanding():
             self.skip_until_sync = True
             link.push_synth(error_response("ERROR", code, message))
             return
