@@ -296,6 +296,16 @@ _MIGHT_UNPIN = (b"discard", b"drop", b"unlock", b"close", b"unlisten", b"reset",
                 b"rollback", b"abort", b"none", b"default")
 
 
+_ENDS_TRANSACTION = (b"rollback", b"abort", b"commit", b"end", b"prepare")
+
+
+def might_end_transaction(sql: bytes) -> bool:
+    """False if ``sql`` certainly holds no statement that Postgres runs in an aborted
+    transaction (ROLLBACK, ABORT, COMMIT, END, PREPARE TRANSACTION): there it fails."""
+    low = sql.lower()
+    return any(word in low for word in _ENDS_TRANSACTION)
+
+
 def might_unpin(sql: bytes) -> bool:
     """True if ``sql`` may remove pinning state (drop a temp table, unlock, close a
     cursor, UNLISTEN, DEALLOCATE, RESET ROLE / SET ROLE NONE / SET SESSION AUTHORIZATION

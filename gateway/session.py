@@ -37,7 +37,7 @@ from .backend import (
     PORTAL_TAILS,
     whole_messages,
 )
-from .classify import PLAIN, Effects, effects, returns_no_rows
+from .classify import PLAIN, Effects, effects, might_end_transaction, returns_no_rows
 from .listen import ListenSession, ListenState
 from .login import Login
 from .pins import PinBook
@@ -808,13 +808,19 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         link.expect(K_QUERY, swallow=1)
         link.write(DISCARD_SEQUENCES)
 
-    def _uses_sequences(self, fx: Effects, link: BackendLink | None) -> None:
+    def _uses_sequences(self, fx: Effects, sql: bytes, link: BackendLink | None) -> None:
         """A statement reads currval() or lastval(), or calls nextval() or setval() by name:
         from now on every backend this session takes from another session is cleared of
         its sequence state first; ``link`` too, if the statement is the first the session
         runs on it since (after that, the session's own nextval() calls there would go
         with it). Cleared for a write as well: a setval() then lastval() would otherwise
         read the last sequence another session used there."""
+        if (link is not None and link.status == "E" and link.nothing_of_the_client_outstanding()
+                and not might_end_transaction(sql)):
+            # It fails in the aborted transaction (25P02) and leaves no sequence state:
+            # were the session a writer from now on, its backend's state, still another
+            # session's, would count as its own when the transaction ends.
+            return
         if fx.sequences:
             self.seq_user = True
         if fx.advances:
@@ -825,8 +831,11 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
     def _clear_foreign_sequences(self, link: BackendLink) -> None:
         """DISCARD SEQUENCES ahead of the statement being sent, if the backend's state may
         be another session's and nothing of this session's is outstanding there (queries
-        of pgfleet's own, as a pin check, change no sequence state)."""
-        if link.seq_foreign and link.status == "I" and link.nothing_of_the_client_outstanding():
+        of pgfleet's own, as a pin check, change no sequence state). Inside a transaction
+        too (sequence state is not transactional, and DISCARD SEQUENCES runs there),
+        unless an INSERT of the session's ran there: its nextval() is the session's."""
+        if (link.seq_foreign and link.nothing_of_the_client_outstanding()
+                and (link.status == "I" or link.status == "T" and not link.inserted)):
             self._own_sequences(link)
 
     def on_lease_failed(self, fields: dict[str, str]) -> None:
@@ -1012,7 +1021,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
                 link.write(raw)
                 return
             if fx.sequences or fx.advances:
-                self._uses_sequences(fx, link)
+                self._uses_sequences(fx, sql, link)
             cmd = sql_prepare.parse(sql) if fx.prepared else None
             if fx.vacates:
                 self.worker.vacate(fx.vacates)

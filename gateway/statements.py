@@ -75,19 +75,23 @@ class StatementBook:
         name = payload[:ne]
         if not name or name in self.stmts:
             return False
+        link = self.link
+        if link is not None and link.status == "E":
+            return False  # Postgres refuses it (25P02): the backend answers
         body = payload[ne + 1 :]
         if _SHAPED_BY_CURSOR.match(body):
             return False  # its Describe needs the session's cursor: see _parse
         bname = self._statement_name(body)
         if not self.worker.statement_known(bname):
             return False
-        fx = effects(body[: cstr_end(body, 0)])
+        query = body[: cstr_end(body, 0)]
+        fx = effects(query)
         if fx.pin is not None:
             return False
         if fx.sequences or fx.advances:
             # Its Bind takes a backend cleared of others' sequence state; a backend the
             # session holds already (pinned, in a transaction) is cleared now if it can be.
-            self._uses_sequences(fx, self.link)
+            self._uses_sequences(fx, query, link)
         if fx.prepared:
             return False  # may need rewriting or refusing: take the full path
         self._own_books()
@@ -236,7 +240,7 @@ class StatementBook:
         fx = effects(query)
         if fx.sequences or fx.advances:
             # (Cleared only before anything of the group is written.)
-            self._uses_sequences(fx, link if starts_group else None)
+            self._uses_sequences(fx, query, link if starts_group else None)
         # PREPARE/EXECUTE/DEALLOCATE sent through Parse (read once; ``query`` is only
         # rewritten below for a PREPARE, which the EXECUTE/DEALLOCATE branches skip).
         cmd = sql_prepare.parse(query) if fx.prepared else None

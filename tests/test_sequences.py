@@ -107,6 +107,38 @@ def test_what_another_session_left_is_cleared_before_a_read(one_backend, reader)
         b.close()
 
 
+@pytest.mark.parametrize("reader", ["simple", "prepared"])
+def test_a_pinned_sessions_transaction_leaves_another_sessions_state_foreign(
+        one_backend, reader):
+    """A session pinned where another called nextval() (a temp table), then in a
+    transaction: a nextval() that fails there (the transaction is aborted) defines
+    nothing, and a nextval() of another sequence that runs there leaves the first
+    undefined. Both used to count the backend's sequence state as the session's own
+    when the transaction ended, and currval() answered with the other session's value."""
+    a, b = connect(one_backend), connect(one_backend)
+    prepare = reader == "prepared"
+    try:
+        a.execute("create sequence if not exists seq_other")
+        for statement in ("select 1/0", None):
+            insert(a, "a")  # (on the only backend)
+            assert a.execute("select currval('seq_rows_id_seq')", prepare=True).fetchone()
+            b.execute("create temp table pinned_here (x int)")
+            with b.transaction():
+                if statement is not None:
+                    with pytest.raises(psycopg.errors.DivisionByZero):
+                        b.execute(statement)
+                    with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+                        b.execute("select nextval('seq_other')", prepare=prepare)
+                    raise psycopg.Rollback
+                assert b.execute("select nextval('seq_other')", prepare=prepare).fetchone()
+            sql = "select currval('seq_rows_id_seq')"
+            assert _not_defined_prepared(b, sql) if prepare else not_defined(b, sql)
+            b.execute("drop table pinned_here")  # (a's turn again)
+    finally:
+        a.close()
+        b.close()
+
+
 def _not_defined_prepared(conn: psycopg.Connection, sql: str) -> bool:
     try:
         conn.execute(sql, prepare=True)
