@@ -913,11 +913,13 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             and not link.dead
             and self.held is None
         ):
-            if link.inserted or self.seq_writer:
-                # The session's transaction here may have called nextval(): its own
-                # sequence state is in the backend now, which a DISCARD would lose.
-                # (After one that wrote none, what another session left stays foreign:
-                # a read of currval() or lastval() still clears it first.)
+            if link.inserted:
+                # The session's INSERT here may have called nextval(): its own sequence
+                # state is in the backend now, which a DISCARD would lose. (A nextval()
+                # or setval() by name cleared the backend before it ran, unless it came
+                # behind other statements of one pipeline, which may have failed and
+                # skipped it: then what another session left stays foreign, and a read
+                # clears it first, answering 55000 rather than another's value.)
                 link.seq_foreign = False
             if link.logins_changed:
                 # Its transaction is over (committed or not): the next login anywhere

@@ -19,6 +19,7 @@ import psycopg
 import pytest
 
 from .conftest import PASSWORD
+from .wire import libpq_pipeline
 
 
 def _server_with_serial_table(make_server, backends: int):
@@ -134,6 +135,25 @@ def test_a_pinned_sessions_transaction_leaves_another_sessions_state_foreign(
             sql = "select currval('seq_rows_id_seq')"
             assert _not_defined_prepared(b, sql) if prepare else not_defined(b, sql)
             b.execute("drop table pinned_here")  # (a's turn again)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_write_skipped_in_a_pipeline_leaves_another_sessions_state_foreign(one_backend):
+    """A setval() or nextval() pipelined behind a statement that fails is skipped, as
+    Postgres skips everything up to the Sync after an error: the backend's sequence state,
+    another session's, used to count as the session's own when the pipeline ended."""
+    a, b = connect(one_backend), connect(one_backend)
+    try:
+        a.execute("create sequence if not exists seq_other")
+        for write in ("select setval('seq_other', 5)", "select nextval('seq_other')"):
+            insert(a, "a")  # (on the only backend)
+            results = libpq_pipeline(b, ["CLOSE no_such_cursor", write])
+            assert [r[:2] for r in results] == [("FATAL_ERROR", "34000"),
+                                                ("PIPELINE_ABORTED", None)]
+            assert not_defined(b, "select currval('seq_rows_id_seq')")
+            assert not_defined(b, "select currval('seq_other')")
     finally:
         a.close()
         b.close()
