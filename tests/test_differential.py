@@ -158,6 +158,10 @@ class Side:
             # sqlstate None (connection lost, protocol trouble) shows the message instead.
             return ("error", exc.sqlstate or f"{type(exc).__name__}: {exc}")
 
+    def idle(self, i: int) -> bool:
+        """Whether session ``i`` is outside any transaction."""
+        return self.conns[i].info.transaction_status == IDLE
+
     def cut(self) -> None:
         """Watchdog: shut every socket down so a blocked call returns with an error."""
         for conn in self.conns:
@@ -220,7 +224,7 @@ def run_scenario(srv, scenario, prepare_threshold: int | None) -> None:
         direct.close()
 
 
-def drive(steps: list[tuple[int, str]], step: Callable[[int, str], None], direct: Side,
+def drive(steps: list[tuple[int, str]], step: Callable[[int, str], None], direct,
           final: list[str], settle: float = 0.0) -> None:
     """Run a scenario's steps, then ``final`` on every session, outside any transaction
     (after ``settle`` seconds): each must see its own state.
@@ -232,10 +236,10 @@ def drive(steps: list[tuple[int, str]], step: Callable[[int, str], None], direct
     that both sides report the same transaction status)."""
     current = 0
     for want, sql in steps:
-        if direct.conns[current].info.transaction_status == IDLE:
+        if direct.idle(current):
             current = want
         step(current, sql)
-    if direct.conns[current].info.transaction_status != IDLE:
+    if not direct.idle(current):
         step(current, "ROLLBACK")
     time.sleep(settle)
     for i in range(len(direct.conns)):

@@ -19,15 +19,22 @@ example stops comparing there; never the other way round, nor with another value
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import socket
+import threading
 import time
 
+import asyncpg
 import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .test_differential import IDLE, Watchdog, _explain, drive
+from .conftest import PASSWORD
 from .test_differential import Side as SettingsSide
+from .test_differential import Watchdog, _explain, drive
 from .wire import libpq_pipeline
 
 DATABASES = {"pgfleet": "diff_state_via", "postgres": "diff_state_direct"}
@@ -63,7 +70,18 @@ STATEMENTS = [
     "NOTIFY ch1, 'a'", "select pg_notify('Ch2', 'b')",
 ]
 COLLECT = "COLLECT"
-statement = st.sampled_from(STATEMENTS + OBSERVATIONS + [COLLECT])
+# How asyncpg sends one statement (psycopg ignores the mark): as a named statement from
+# its cache (fetch), with the simple protocol (execute), through a cursor (a named
+# portal fetched two rows at a time: Execute with a row limit, PortalSuspended; asyncpg
+# allows cursors only inside a transaction, outside both sides refuse alike), or twice
+# in one group (executemany: Bind and Execute twice, one Sync).
+SIMPLE, CURSOR, TWICE = "~", "@", "*"
+WAYS = SIMPLE + CURSOR + TWICE
+statement = st.one_of(
+    st.just(COLLECT),
+    st.tuples(st.sampled_from(["", "", SIMPLE, CURSOR, TWICE]),
+              st.sampled_from(STATEMENTS + OBSERVATIONS)).map("".join),
+)
 # A sequence read pipelined behind other statements is a documented difference.
 pipelined = st.sampled_from(STATEMENTS + OBSERVATIONS[:1] + OBSERVATIONS[3:])
 PIPE = "PIPE:"
@@ -111,12 +129,115 @@ class Side(SettingsSide):
         """What session ``i`` heard since the last call (reading the socket with a query;
         up to ``wait`` seconds for ``at_least`` notifications)."""
         deadline = time.monotonic() + wait
-        self.conns[i].execute("select 1")
+        self.conns[i].execute("select 1", prepare=False)
         while len(self.heard[i]) < at_least and time.monotonic() < deadline:
             time.sleep(0.02)
-            self.conns[i].execute("select 1")
+            self.conns[i].execute("select 1", prepare=False)
         heard, self.heard[i] = self.heard[i], []
         return heard
+
+
+class AsyncpgSide:
+    """The sessions of one side through asyncpg, which sends every statement as a
+    named, cached protocol-level statement (Parse, Describe, Flush; then Bind, Execute,
+    Sync; the next run of the same text only Bind, Execute, Sync). Its connections live
+    on an event loop of their own in a thread, so that notifications arrive while the
+    test waits, as they do for an application.
+
+    asyncpg hands a notification only to a listener registered for its channel, and
+    registering one sends LISTEN: every session starts listening on both channels (the
+    statements' UNLISTENs change that). asyncpg has no pipeline: a pipelined step runs
+    its statements one after another."""
+
+    CHANNELS = ("ch1", "Ch2")
+
+    def __init__(self, connect: dict, n: int) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.conns: list[asyncpg.Connection] = []
+        self.notices: list[list[str]] = [[] for _ in range(n)]
+        self.heard: list[list[tuple[str, str]]] = [[] for _ in range(n)]
+        self.messages: list[str] = []
+        try:
+            for i in range(n):
+                self.conns.append(self._call(self._connect(connect, i)))
+        except BaseException:
+            self.close()
+            raise
+
+    async def _connect(self, connect: dict, i: int) -> asyncpg.Connection:
+        conn = await asyncpg.connect(timeout=30, **connect)
+        conn.add_log_listener(lambda _c, m, seen=self.notices[i]: seen.append(m.sqlstate))
+        for channel in self.CHANNELS:
+            await conn.add_listener(
+                channel, lambda _c, _p, ch, payload, heard=self.heard[i]: heard.append(
+                    (ch, payload)))
+        return conn
+
+    def _call(self, coro, timeout: float = 90.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def _one(self, conn: asyncpg.Connection, sql: str, way: str = "") -> tuple:
+        try:
+            if way == SIMPLE:
+                result: tuple = ("ok", await conn.execute(sql))
+            elif way == TWICE:
+                result = ("ok", await conn.executemany(sql, [(), ()]))
+            elif way == CURSOR:
+                cursor = await conn.cursor(sql)
+                rows = [tuple(r) for r in await cursor.fetch(2)]
+                result = ("ok", rows + [tuple(r) for r in await cursor.fetch(10)])
+            else:
+                result = ("ok", [tuple(r) for r in await conn.fetch(sql)])
+        except asyncpg.PostgresError as exc:
+            self.messages.append(f"{type(exc).__name__}: {exc}")
+            result = ("error", exc.sqlstate)
+        except Exception as exc:  # noqa: BLE001 (e.g. asyncpg's ProtocolError: both sides alike)
+            self.messages.append(f"{type(exc).__name__}: {exc}")
+            result = ("error", f"{type(exc).__name__}: {exc}")
+        await asyncio.sleep(0)  # (the notices' callbacks run)
+        return result
+
+    def run(self, i: int, sql: str) -> tuple:
+        """The outcome of ``sql`` on session ``i`` (marked with the way to send it), as
+        comparable data."""
+        way, sql = (sql[0], sql[1:]) if sql[:1] in WAYS else ("", sql)
+        self.notices[i].clear()
+        self.messages.clear()
+        result = self._call(self._one(self.conns[i], sql, way))
+        return (result, tuple(self.notices[i]), self.idle(i))
+
+    def idle(self, i: int) -> bool:
+        return not self.conns[i].is_in_transaction()
+
+    def take_heard(self, i: int, at_least: int = 0, wait: float = 0.0) -> list[tuple[str, str]]:
+        """As Side.take_heard: a query first, whose answer Postgres sends after every
+        notification committed before it."""
+        deadline = time.monotonic() + wait
+        self._call(self._one(self.conns[i], "select 1", SIMPLE))
+        while len(self.heard[i]) < at_least and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self._call(asyncio.sleep(0))
+        heard, self.heard[i] = self.heard[i], []
+        return heard
+
+    def cut(self) -> None:
+        """Watchdog: shut every socket down so a blocked call returns with an error."""
+        for conn in self.conns:
+            with contextlib.suppress(Exception):
+                fd = conn._transport.get_extra_info("socket").fileno()
+                s = socket.socket(fileno=os.dup(fd))
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+
+    def close(self) -> None:
+        for conn in self.conns:
+            with contextlib.suppress(Exception):
+                self._call(conn.close(timeout=10), timeout=15)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
 
 
 def run_pipeline(side: Side, i: int, statements: list[str]) -> tuple:
@@ -134,19 +255,36 @@ class Diverged(Exception):
     """The documented sequence difference: the two sides differ from here on."""
 
 
-@pytest.mark.parametrize("prepare_threshold", [None, 0], ids=["simple", "always"])
+def make_side(srv, which: str, client: str, n: int):
+    """The ``n`` sessions of one side ("pgfleet" or "postgres") with ``client``."""
+    db = DATABASES[which]
+    if client == "asyncpg":
+        if which == "pgfleet":
+            connect = dict(host="127.0.0.1", port=srv.port, user="postgres",
+                           password=PASSWORD, database=db)
+        else:
+            connect = dict(host=srv.socket_dir, port=5432, user="postgres", database=db)
+        return AsyncpgSide(connect, n)
+    dsn = srv.dsn(dbname=db) if which == "pgfleet" else srv.direct_dsn(db)
+    return Side(dsn, [False] * n, {"simple": None, "always": 0}[client])
+
+
+# simple: psycopg sends each statement with the simple protocol; always: psycopg with
+# prepare_threshold=0, each a named statement _pg3_N (Parse and Sync first); asyncpg:
+# each a named statement from its cache (Parse, Describe and Flush first).
+@pytest.mark.parametrize("client", ["simple", "always", "asyncpg"])
 # derandomize: CI explores the same examples every run; --hypothesis-seed=random explores.
 @settings(max_examples=30, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(scenario=scenarios())
-def test_session_state_through_pgfleet_matches_postgres(srv, prepare_threshold, scenario):
+def test_session_state_through_pgfleet_matches_postgres(srv, client, scenario):
     for db in DATABASES.values():
         with psycopg.connect(srv.direct_dsn(db), autocommit=True, connect_timeout=10) as c:
             c.execute("truncate ts restart identity")
     startup, steps = scenario
-    via = Side(srv.dsn(dbname=DATABASES["pgfleet"]), startup, prepare_threshold)
+    via = make_side(srv, "pgfleet", client, len(startup))
     try:
-        direct = Side(srv.direct_dsn(DATABASES["postgres"]), startup, prepare_threshold)
+        direct = make_side(srv, "postgres", client, len(startup))
     except BaseException:
         via.close()
         raise
@@ -156,14 +294,21 @@ def test_session_state_through_pgfleet_matches_postgres(srv, prepare_threshold, 
     def step(i: int, sql: str) -> None:
         history.append((i, sql))
         if sql == COLLECT:
-            if direct.conns[i].info.transaction_status != IDLE:
+            if not direct.idle(i):
                 return  # (notifications wait for the end of the transaction)
             expected = direct.take_heard(i)
             got = via.take_heard(i, at_least=len(expected), wait=3.0)
+        elif sql.startswith(PIPE) and client == "asyncpg":
+            # (One statement after another, each on both sides, as separate steps are.)
+            pairs = [(via.run(i, s), direct.run(i, s)) for s in sql[len(PIPE):].split("|")]
+            got, expected = [p[0] for p in pairs], [p[1] for p in pairs]
         elif sql.startswith(PIPE):
             got = run_pipeline(via, i, sql[len(PIPE):].split("|"))
             expected = run_pipeline(direct, i, sql[len(PIPE):].split("|"))
+        elif client == "asyncpg":
+            got, expected = via.run(i, sql), direct.run(i, sql)
         else:
+            sql = sql.lstrip(WAYS)
             got, expected = via.run(i, sql), direct.run(i, sql)
         assert not watchdog.fired, f"no answer within {watchdog.seconds:g} s" + _explain(
             history, got, expected, via, direct)
