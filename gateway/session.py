@@ -64,7 +64,7 @@ from .protocol import (
     msg,
 )
 from .settings_book import SettingsBook
-from .statements import NO_ENTRIES, StatementBook
+from .statements import NO_ENTRIES, SqlRef, StatementBook
 
 if TYPE_CHECKING:
     from .backend import BackendLink, Expect
@@ -115,7 +115,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         "key", "settings", "startup_settings", "settings_dirty", "custom_names", "link",
         "waiting", "wait_since", "pending", "pins", "pin_check", "pin_epoch", "stmts",
         "unnamed_parse", "sql_stmts", "sql_deps", "unnamed_dep", "stmt_pins", "stmt_effects",
-        "unnamed_effects", "pending_resets", "pending_drop", "portal_drops", "unnamed_pin", "setting_stmts",
+        "unnamed_effects", "pending_resets", "pending_drop", "portal_drops", "portal_deallocate", "unnamed_pin", "setting_stmts",
         "unnamed_sets", "unnamed_token", "skip_until_sync", "unsynced", "slot", "paused_backend",
         "listen", "stmt_listen", "unnamed_listen", "portal_listen", "held", "holds", "ssl_done", "gss_done", "tls_in_use", "handshaking",
         "tls_task", "corked", "stmt_prepares", "unnamed_prepare", "portal_prepare", "seq_user",
@@ -162,8 +162,8 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         # SQL-level prepared statements: client name -> (backend name, its PREPARE query).
         self.sql_stmts: dict[bytes, tuple[bytes, bytes]] = NO_ENTRIES  # type: ignore[assignment]
         # Protocol statements (client name; the unnamed one) whose text EXECUTEs one of them.
-        self.sql_deps: dict[bytes, bytes] = NO_ENTRIES  # type: ignore[assignment]
-        self.unnamed_dep: bytes | None = None
+        self.sql_deps: dict[bytes, SqlRef] = NO_ENTRIES  # type: ignore[assignment]
+        self.unnamed_dep: SqlRef | None = None
         # Why executing a statement pins (client name; the unnamed one).
         self.stmt_pins: dict[bytes, str] = NO_ENTRIES  # type: ignore[assignment]
         # Per statement: (settings RESET, drops all statements, changes logins) when executed.
@@ -172,6 +172,8 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         self.pending_resets: tuple[str, ...] = ()
         self.pending_drop = False  # a DEALLOCATE ALL / DISCARD ALL was executed since Sync
         self.portal_drops = False  # the unnamed portal's statement is one
+        # The SQL statement the portal's statement DEALLOCATEs (booked at its Execute).
+        self.portal_deallocate: bytes | None = None
         self.unnamed_pin: str | None = None
         # Statements whose execution may change settings, or roles and databases (client
         # names; the unnamed one): their Bind looks up stmt_effects.
@@ -452,6 +454,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             # What the unnamed Parse, Bind and Sync of a plain statement book.
             self.unnamed_prepare = self.portal_prepare = self.unnamed_dep = None
             self.portal_drops = False
+            self.portal_deallocate = None
             self.unnamed_pin = self.unnamed_effects = None
             self.unnamed_listen = self.portal_listen = ()
             self.unnamed_sets = False
@@ -513,7 +516,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         """A unit from _bound_unit: the Bind names the backend's statement (parsed there
         first if this backend lacks it), and each message is kept for a heal."""
         self.portal_listen = ()
-        self.portal_prepare = None
+        self.portal_prepare = self.portal_deallocate = None
         self.portal_drops = False
         bname = self._backend_stmt(link, name)  # never None: the name was checked
         bind_end = 1 + int.from_bytes(data[1:5], "big")
@@ -1077,9 +1080,9 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
                 self._synth_error(link, sqlstate.DUPLICATE_PREPARED_STATEMENT,
                                   f'prepared statement "{shown}" already exists')
                 return
-            dep = self.sql_deps.get(name) if name else self.unnamed_dep
-            if dep is not None and dep in self.sql_stmts:
-                self._ensure_sql_prepared_extended(link, dep)
+            self.portal_deallocate = None
+            if (self.sql_deps.get(name) if name else self.unnamed_dep) is not None:
+                self._resolve_sql_ref(link, name)
             heal = names = None
             if name:
                 bname = self._backend_stmt(link, name)
@@ -1114,6 +1117,9 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
             on_done = self._listen_sent(link, ops) if ops else None
             if self.portal_prepare is not None:
                 on_done = self._prepared_by_execute(link, self.portal_prepare, on_done)
+            if self.portal_deallocate is not None:
+                on_done = self._deallocate_sent(link, self.portal_deallocate, on_done)
+                self.portal_deallocate = None
             if self.portal_drops:
                 on_done = self._drop_all_sent(link, on_done)
                 self.pending_drop = True  # what follows the group's Sync waits for it
@@ -1139,6 +1145,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
                 self.stmts.pop(name, None)
                 self.stmt_listen.pop(name, None)
                 self.stmt_prepares.pop(name, None)
+                self.sql_deps.pop(name, None)
                 link.push_synth(be.CLOSE_COMPLETE)
                 return
             if kind == b"S":

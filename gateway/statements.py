@@ -36,6 +36,11 @@ if TYPE_CHECKING:
 NO_ENTRIES: Mapping = MappingProxyType({})
 CLOSE_UNNAMED = fe.encode_close("S", "")
 
+# A protocol statement that EXECUTEs or DEALLOCATEs a SQL prepared statement: (kind,
+# the SQL name, the Parse body the client sent, the backend name its text names now;
+# None: the SQL name as written). Postgres looks the name up when it executes it.
+SqlRef = tuple[str, bytes, bytes, "bytes | None"]
+
 
 class StatementBook:
     """Session mixin: the statement books and what Parse, Bind and Close do with them."""
@@ -174,6 +179,55 @@ class StatementBook:
         link.expect(K_QUERY, on_done=on_done)
         link.write(msg(Q, text + b"\x00"))
 
+    def _resolve_sql_ref(self, link: BackendLink, name: bytes) -> None:
+        """Bind of a statement that EXECUTEs or DEALLOCATEs a SQL prepared statement:
+        Postgres finds that statement by name as it executes, so the text must name the
+        one the session has now (PREPAREd again since, or only after this Parse)."""
+        if name:
+            ref = self.sql_deps[name]
+            if name not in self.stmts:
+                return  # (closed: the Bind fails with 26000)
+        else:
+            ref = self.unnamed_dep
+        kind, sql_name, body, named = ref
+        current = self.sql_stmts.get(sql_name)
+        sql_bname = None if current is None else current[0]
+        if sql_bname != named:
+            if sql_bname is not None:
+                new_body = _renamed(body, sql_prepare.parse(body[: cstr_end(body, 0)]),
+                                    sql_bname)
+            else:
+                new_body = body  # the name as written: Postgres's 26000
+            ref = (kind, sql_name, body, sql_bname)
+            if name:
+                self.sql_deps[name] = ref
+                bname = self._statement_name(new_body)
+                self.stmts[name] = (bname, msg(P, bname + b"\x00" + new_body))
+            else:
+                self.unnamed_dep = ref
+                self.unnamed_parse = msg(P, b"\x00" + new_body)
+                self.unnamed_token = object()  # parsed again before the Bind
+        if sql_bname is not None:
+            self._ensure_sql_prepared_extended(link, sql_name)
+            if kind == "deallocate":
+                self.portal_deallocate = sql_name
+
+    def _deallocate_sent(self, link: BackendLink, sql_name: bytes,
+                         on_done: Callable[[bool], None] | None) -> Callable[[bool], None]:
+        """The Execute of a DEALLOCATE of our SQL statement is sent: the name is free
+        for what follows (a PREPARE pipelined behind it), and back if it fails."""
+        entry = self.sql_stmts.pop(sql_name)
+
+        def done(ok: bool) -> None:
+            if ok:
+                link.prepared.discard(entry[0])
+            elif sql_name not in self.sql_stmts:
+                self.sql_stmts[sql_name] = entry
+            if on_done is not None:
+                on_done(ok)
+
+        return done
+
     def _ensure_sql_prepared_extended(self, link: BackendLink, name: bytes) -> bytes:
         """Make sure our SQL statement ``name`` exists on ``link`` from inside an extended
         sequence: its PREPARE runs through the unnamed statement, replies swallowed."""
@@ -278,20 +332,19 @@ class StatementBook:
         else:
             self.unnamed_listen = fx.listen
             self.unnamed_pin = fx.pin
-        dep: bytes | None = None
-        if self.sql_stmts and cmd is not None:
-            if cmd.kind != "prepare" and cmd.name in self.sql_stmts:
-                # EXECUTE/DEALLOCATE of our SQL statement, sent through Parse (psycopg does).
-                bname = self._ensure_sql_prepared_extended(link, cmd.name)
-                query = query[: cmd.start] + bname + query[cmd.end :]
-                body = query + body[qe:]
+        dep: SqlRef | None = None
+        if cmd is not None and cmd.kind != "prepare":
+            # EXECUTE/DEALLOCATE sent through Parse (psycopg does): the text names our SQL
+            # statement's backend name, and each Bind checks it still is the statement
+            # of that name (booked as dropped when a DEALLOCATE is executed).
+            sql_bname = None
+            if cmd.name in self.sql_stmts:
+                sql_bname = self._ensure_sql_prepared_extended(link, cmd.name)
+            dep = (cmd.kind, cmd.name, body, sql_bname)
+            if sql_bname is not None:
+                body = _renamed(body, cmd, sql_bname)
                 payload = name + b"\x00" + body
                 raw = msg(P, payload)
-                if cmd.kind == "deallocate":
-                    self.sql_stmts.pop(cmd.name, None)
-                    link.prepared.discard(bname)
-                else:
-                    dep = cmd.name  # binding this statement later needs our SQL statement
         sets = fx.sets or fx.drops or fx.logins
         done_after = None
         if sets:
@@ -456,6 +509,12 @@ _SHAPED_BY_CURSOR = re.compile(rb"\s*fetch\b", re.IGNORECASE)
 
 def _does_not_exist(name: bytes) -> str:
     return f'prepared statement "{name.decode("utf-8", "replace")}" does not exist'
+
+
+def _renamed(body: bytes, cmd: sql_prepare.SqlPrepareCommand, sql_bname: bytes) -> bytes:
+    """A Parse body whose EXECUTE/DEALLOCATE names ``sql_bname`` in place of the
+    session's name for it (at ``cmd``'s place in the query)."""
+    return body[: cmd.start] + sql_bname + body[cmd.end :]
 
 
 def _book(table: dict, name: bytes, value: object) -> None:

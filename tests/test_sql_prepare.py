@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
+import asyncpg
 import psycopg
 import pytest
 
 from pgwire import backend as be
 from pgwire import frontend as fe
 
+from .conftest import PASSWORD
 from .wire import RawClient, data_rows, errors_in, libpq_pipeline
 
 
@@ -236,3 +239,70 @@ def test_drop_all_that_fails_in_a_pipeline_drops_nothing(one_backend, statements
                 "kept",)
     assert results["pgfleet"] == results["postgres"]
     assert results["postgres"][1][0] in ("FATAL_ERROR", "PIPELINE_ABORTED")
+
+
+# (statement, sent as a named protocol statement psycopg reuses: Bind and Execute only)
+REEXECUTED_CASES = {
+    "execute_after_prepare_again": [
+        ("PREPARE pa AS SELECT 1", False), ("EXECUTE pa", True), ("DEALLOCATE pa", False),
+        ("PREPARE pa AS SELECT 2", False), ("EXECUTE pa", True), ("EXECUTE pa", True)],
+    "deallocate_twice": [
+        ("PREPARE pa AS SELECT 1", False), ("DEALLOCATE pa", True),
+        ("PREPARE pa AS SELECT 2", False), ("DEALLOCATE pa", True), ("EXECUTE pa", False),
+        ("PREPARE pa AS SELECT 3", False), ("EXECUTE pa", False)],
+    "execute_prepared_before_its_statement": [
+        ("EXECUTE pa", True), ("PREPARE pa AS SELECT 4", False), ("EXECUTE pa", True),
+        ("DEALLOCATE pa", True), ("EXECUTE pa", True)],
+    "deallocate_in_a_failed_transaction": [
+        ("PREPARE pa AS SELECT 1", False), ("BEGIN", False), ("select 1/0", False),
+        ("DEALLOCATE pa", True), ("ROLLBACK", False), ("EXECUTE pa", True),
+        ("DEALLOCATE pa", True), ("EXECUTE pa", True)],
+}
+
+
+@pytest.mark.parametrize("case", REEXECUTED_CASES, ids=str)
+def test_reused_protocol_statements_find_the_sql_statement_of_the_moment(one_backend, case):
+    """EXECUTE and DEALLOCATE prepared once as protocol-level statements (psycopg does so
+    from a statement's 5th run; with prepare_threshold=0 at once) and run again later:
+    Postgres looks the SQL statement up by name as each run executes, so a statement
+    PREPAREd again since, or only after the first Parse, is the one found. pgfleet named
+    the backend statement of the first Parse for good, and booked a DEALLOCATE as its
+    Parse was sent rather than as it ran."""
+    outcomes = []
+    for dsn in (one_backend.dsn(), one_backend.direct_dsn()):
+        with psycopg.connect(dsn, autocommit=True, prepare_threshold=0) as conn:
+            seen = []
+            for sql, prepare in REEXECUTED_CASES[case]:
+                try:
+                    cur = conn.execute(sql, prepare=prepare)
+                    seen.append(cur.fetchall() if cur.description else cur.statusmessage)
+                except psycopg.Error as exc:
+                    seen.append(exc.sqlstate)
+            outcomes.append(seen)
+    assert outcomes[0] == outcomes[1]
+
+
+def test_asyncpg_runs_an_execute_it_prepared_before_the_statement(one_backend):
+    """asyncpg keeps "EXECUTE pa" in its statement cache although its first run failed
+    (26000: its Parse and Describe worked), and runs it again once PREPARE pa exists:
+    Postgres then executes the new statement (whose row asyncpg, holding the first
+    description, refuses with a ProtocolError); pgfleet answered 26000 again."""
+    async def outcomes(**connect: object) -> list:
+        conn = await asyncpg.connect(timeout=30, **connect)
+        seen: list = []
+        try:
+            for sql in ("EXECUTE pa", "PREPARE pa AS SELECT 1", "EXECUTE pa"):
+                try:
+                    seen.append([tuple(r) for r in await conn.fetch(sql)])
+                except Exception as exc:  # noqa: BLE001 (asyncpg's ProtocolError included)
+                    seen.append(type(exc).__name__)
+        finally:
+            await conn.close()
+        return seen
+
+    via = asyncio.run(outcomes(host="127.0.0.1", port=one_backend.port, user="postgres",
+                               password=PASSWORD, database="postgres"))
+    direct = asyncio.run(outcomes(host=one_backend.socket_dir, port=5432, user="postgres",
+                                  database="postgres"))
+    assert via == direct
+    assert via[-1] == "ProtocolError"  # (it ran: the row came)
