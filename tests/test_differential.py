@@ -17,6 +17,7 @@ and other sessions' statements on the same backend.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -24,10 +25,13 @@ import threading
 import time
 from collections.abc import Callable
 
+import asyncpg
 import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from .conftest import PASSWORD
 
 IDLE = psycopg.pq.TransactionStatus.IDLE
 NAMES = ["pa", "pb", '"Pc"']  # SQL statement names; a quoted one keeps its case
@@ -175,6 +179,109 @@ class Side:
             conn.close()
 
 
+# How asyncpg sends one statement (a mark psycopg ignores): as a named statement from
+# its cache (fetch: Parse, Describe and Flush, then Bind, Execute and Sync; the next
+# run of the text only the latter), with the simple protocol (execute), through a
+# cursor (a named portal fetched two rows at a time: Execute with a row limit,
+# PortalSuspended; asyncpg allows cursors only inside a transaction, outside both sides
+# refuse alike), or twice in one group (executemany: Bind and Execute twice, one Sync).
+SIMPLE, CURSOR, TWICE = "~", "@", "*"
+WAYS = SIMPLE + CURSOR + TWICE
+# STARTUP as asyncpg sends it: each setting a startup parameter of its own.
+ASYNCPG_STARTUP = {"search_path": "sb", "statement_timeout": "7000",
+                   "myapp.x": "from_startup", "application_name": "startup-app"}
+
+
+class AsyncpgSide:
+    """The sessions of one side through asyncpg. Its connections live on an event loop
+    of their own in a thread, so that what the server sends unasked (notifications)
+    arrives while the test waits, as it does for an application."""
+
+    def __init__(self, connect: dict, startup: list[bool]) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.conns: list[asyncpg.Connection] = []
+        self.notices: list[list[str]] = [[] for _ in startup]
+        self.messages: list[str] = []
+        try:
+            for i, with_startup in enumerate(startup):
+                self.conns.append(self._call(self._connect(connect, i, with_startup)))
+        except BaseException:
+            self.close()
+            raise
+
+    async def _connect(self, connect: dict, i: int, with_startup: bool) -> asyncpg.Connection:
+        conn = await asyncpg.connect(timeout=30, **connect,
+                                     server_settings=ASYNCPG_STARTUP if with_startup else None)
+        conn.add_log_listener(lambda _c, m, seen=self.notices[i]: seen.append(m.sqlstate))
+        await self._setup(conn, i)
+        return conn
+
+    async def _setup(self, conn: asyncpg.Connection, i: int) -> None:
+        """What a subclass does with each new connection."""
+
+    def _call(self, coro, timeout: float = 90.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def _one(self, conn: asyncpg.Connection, sql: str, way: str = "") -> tuple:
+        try:
+            if way == SIMPLE:
+                result: tuple = ("ok", await conn.execute(sql))
+            elif way == TWICE:
+                result = ("ok", await conn.executemany(sql, [(), ()]))
+            elif way == CURSOR:
+                cursor = await conn.cursor(sql)
+                rows = [tuple(r) for r in await cursor.fetch(2)]
+                result = ("ok", rows + [tuple(r) for r in await cursor.fetch(10)])
+            else:
+                result = ("ok", [tuple(r) for r in await conn.fetch(sql)])
+        except asyncpg.PostgresError as exc:
+            self.messages.append(f"{type(exc).__name__}: {exc}")
+            result = ("error", exc.sqlstate)
+        except Exception as exc:  # noqa: BLE001 (e.g. asyncpg's ProtocolError: both sides alike)
+            self.messages.append(f"{type(exc).__name__}: {exc}")
+            result = ("error", f"{type(exc).__name__}: {exc}")
+        await asyncio.sleep(0)  # (the notices' callbacks run)
+        return result
+
+    def run(self, i: int, sql: str) -> tuple:
+        """The outcome of ``sql`` on session ``i`` (marked with the way to send it), as
+        comparable data."""
+        way, sql = (sql[0], sql[1:]) if sql[:1] in WAYS else ("", sql)
+        conn = self.conns[i]
+        self.notices[i].clear()
+        self.messages.clear()
+        if sql == "check prepared":
+            result: object = tuple(self._call(self._one(conn, f"EXECUTE {n}(1)"))
+                                   for n in NAMES)
+        else:
+            result = self._call(self._one(conn, sql, way))
+        settings = conn.get_settings()
+        reported = tuple(getattr(settings, p, None) for p in REPORTED)
+        return (result, tuple(self.notices[i]), self.idle(i), reported)
+
+    def idle(self, i: int) -> bool:
+        return not self.conns[i].is_in_transaction()
+
+    def cut(self) -> None:
+        """Watchdog: shut every socket down so a blocked call returns with an error."""
+        for conn in self.conns:
+            with contextlib.suppress(Exception):
+                fd = conn._transport.get_extra_info("socket").fileno()
+                s = socket.socket(fileno=os.dup(fd))
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+
+    def close(self) -> None:
+        for conn in self.conns:
+            with contextlib.suppress(Exception):
+                self._call(conn.close(timeout=10), timeout=15)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
 class Watchdog:
     """Bounds an example: past ``seconds`` every socket of both sides is shut down, so a
     call blocked on pgfleet returns; ``fired`` then fails the example (both sides would
@@ -197,11 +304,29 @@ class Watchdog:
         self.timer.cancel()
 
 
-def run_scenario(srv, scenario, prepare_threshold: int | None) -> None:
+# How each client sends statements: psycopg with a prepare_threshold, or asyncpg.
+CLIENTS = {"simple": None, "default": 5, "always": 0, "asyncpg": "asyncpg"}
+
+
+def asyncpg_connect(srv, direct: bool, dbname: str = "postgres") -> dict:
+    """asyncpg.connect() arguments for pgfleet, or straight to its Postgres."""
+    if direct:
+        return dict(host=srv.socket_dir, port=5432, user="postgres", database=dbname)
+    return dict(host="127.0.0.1", port=srv.port, user="postgres", password=PASSWORD,
+                database=dbname)
+
+
+def run_scenario(srv, scenario, client: str) -> None:
     startup, steps = scenario
-    via = Side(srv.dsn(), startup, prepare_threshold)
+    if client == "asyncpg":
+        via: Side | AsyncpgSide = AsyncpgSide(asyncpg_connect(srv, False), startup)
+    else:
+        via = Side(srv.dsn(), startup, CLIENTS[client])
     try:
-        direct = Side(srv.direct_dsn(), startup, prepare_threshold)
+        if client == "asyncpg":
+            direct: Side | AsyncpgSide = AsyncpgSide(asyncpg_connect(srv, True), startup)
+        else:
+            direct = Side(srv.direct_dsn(), startup, CLIENTS[client])
     except BaseException:
         via.close()
         raise
@@ -258,12 +383,13 @@ def _explain(history, got, expected, via: Side, direct: Side) -> str:
 # a named protocol-level statement _pg3_N (Parse + Sync, then Bind/Execute/Sync each run);
 # with 0 it does so for every statement, the way drivers that always use the extended
 # protocol (asyncpg, JDBC, pgx) send SET, PREPARE or DEALLOCATE ALL.
-@pytest.mark.parametrize("prepare_threshold", [None, 5, 0], ids=["simple", "default", "always"])
+# asyncpg: each statement a named statement from its cache (Parse, Describe, Flush).
+@pytest.mark.parametrize("client", list(CLIENTS))
 @pytest.mark.parametrize("which", ["pool1", "pool2"])
 # derandomize: CI explores the same examples every run, so a red run is a regression,
 # not a new corner found by chance; run with --hypothesis-seed=random to explore more.
 @settings(max_examples=25, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(scenario=scenarios())
-def test_sessions_through_pgfleet_match_postgres(servers, which, prepare_threshold, scenario):
-    run_scenario(servers[which], scenario, prepare_threshold)
+def test_sessions_through_pgfleet_match_postgres(servers, which, client, scenario):
+    run_scenario(servers[which], scenario, client)

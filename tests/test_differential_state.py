@@ -20,10 +20,6 @@ example stops comparing there; never the other way round, nor with another value
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import socket
-import threading
 import time
 
 import asyncpg
@@ -32,9 +28,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .conftest import PASSWORD
+from .test_differential import (
+    CLIENTS,
+    CURSOR,
+    SIMPLE,
+    TWICE,
+    WAYS,
+    AsyncpgSide,
+    Watchdog,
+    _explain,
+    asyncpg_connect,
+    drive,
+)
 from .test_differential import Side as SettingsSide
-from .test_differential import Watchdog, _explain, drive
 from .wire import libpq_pipeline
 
 DATABASES = {"pgfleet": "diff_state_via", "postgres": "diff_state_direct"}
@@ -70,13 +76,7 @@ STATEMENTS = [
     "NOTIFY ch1, 'a'", "select pg_notify('Ch2', 'b')",
 ]
 COLLECT = "COLLECT"
-# How asyncpg sends one statement (psycopg ignores the mark): as a named statement from
-# its cache (fetch), with the simple protocol (execute), through a cursor (a named
-# portal fetched two rows at a time: Execute with a row limit, PortalSuspended; asyncpg
-# allows cursors only inside a transaction, outside both sides refuse alike), or twice
-# in one group (executemany: Bind and Execute twice, one Sync).
-SIMPLE, CURSOR, TWICE = "~", "@", "*"
-WAYS = SIMPLE + CURSOR + TWICE
+# Each statement marked with the way asyncpg sends it (test_differential.WAYS).
 statement = st.one_of(
     st.just(COLLECT),
     st.tuples(st.sampled_from(["", "", SIMPLE, CURSOR, TWICE]),
@@ -137,12 +137,8 @@ class Side(SettingsSide):
         return heard
 
 
-class AsyncpgSide:
-    """The sessions of one side through asyncpg, which sends every statement as a
-    named, cached protocol-level statement (Parse, Describe, Flush; then Bind, Execute,
-    Sync; the next run of the same text only Bind, Execute, Sync). Its connections live
-    on an event loop of their own in a thread, so that notifications arrive while the
-    test waits, as they do for an application.
+class ListeningAsyncpgSide(AsyncpgSide):
+    """AsyncpgSide whose sessions record the notifications they receive.
 
     asyncpg hands a notification only to a listener registered for its channel, and
     registering one sends LISTEN: every session starts listening on both channels (the
@@ -152,92 +148,25 @@ class AsyncpgSide:
     CHANNELS = ("ch1", "Ch2")
 
     def __init__(self, connect: dict, n: int) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.conns: list[asyncpg.Connection] = []
-        self.notices: list[list[str]] = [[] for _ in range(n)]
         self.heard: list[list[tuple[str, str]]] = [[] for _ in range(n)]
-        self.messages: list[str] = []
-        try:
-            for i in range(n):
-                self.conns.append(self._call(self._connect(connect, i)))
-        except BaseException:
-            self.close()
-            raise
+        super().__init__(connect, [False] * n)
 
-    async def _connect(self, connect: dict, i: int) -> asyncpg.Connection:
-        conn = await asyncpg.connect(timeout=30, **connect)
-        conn.add_log_listener(lambda _c, m, seen=self.notices[i]: seen.append(m.sqlstate))
+    async def _setup(self, conn: asyncpg.Connection, i: int) -> None:
         for channel in self.CHANNELS:
             await conn.add_listener(
                 channel, lambda _c, _p, ch, payload, heard=self.heard[i]: heard.append(
                     (ch, payload)))
-        return conn
-
-    def _call(self, coro, timeout: float = 90.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    async def _one(self, conn: asyncpg.Connection, sql: str, way: str = "") -> tuple:
-        try:
-            if way == SIMPLE:
-                result: tuple = ("ok", await conn.execute(sql))
-            elif way == TWICE:
-                result = ("ok", await conn.executemany(sql, [(), ()]))
-            elif way == CURSOR:
-                cursor = await conn.cursor(sql)
-                rows = [tuple(r) for r in await cursor.fetch(2)]
-                result = ("ok", rows + [tuple(r) for r in await cursor.fetch(10)])
-            else:
-                result = ("ok", [tuple(r) for r in await conn.fetch(sql)])
-        except asyncpg.PostgresError as exc:
-            self.messages.append(f"{type(exc).__name__}: {exc}")
-            result = ("error", exc.sqlstate)
-        except Exception as exc:  # noqa: BLE001 (e.g. asyncpg's ProtocolError: both sides alike)
-            self.messages.append(f"{type(exc).__name__}: {exc}")
-            result = ("error", f"{type(exc).__name__}: {exc}")
-        await asyncio.sleep(0)  # (the notices' callbacks run)
-        return result
-
-    def run(self, i: int, sql: str) -> tuple:
-        """The outcome of ``sql`` on session ``i`` (marked with the way to send it), as
-        comparable data."""
-        way, sql = (sql[0], sql[1:]) if sql[:1] in WAYS else ("", sql)
-        self.notices[i].clear()
-        self.messages.clear()
-        result = self._call(self._one(self.conns[i], sql, way))
-        return (result, tuple(self.notices[i]), self.idle(i))
-
-    def idle(self, i: int) -> bool:
-        return not self.conns[i].is_in_transaction()
 
     def take_heard(self, i: int, at_least: int = 0, wait: float = 0.0) -> list[tuple[str, str]]:
         """As Side.take_heard: a query first, whose answer Postgres sends after every
         notification committed before it."""
         deadline = time.monotonic() + wait
-        self._call(self._one(self.conns[i], "select 1", SIMPLE))
+        self.run(i, SIMPLE + "select 1")
         while len(self.heard[i]) < at_least and time.monotonic() < deadline:
             time.sleep(0.02)
         self._call(asyncio.sleep(0))
         heard, self.heard[i] = self.heard[i], []
         return heard
-
-    def cut(self) -> None:
-        """Watchdog: shut every socket down so a blocked call returns with an error."""
-        for conn in self.conns:
-            with contextlib.suppress(Exception):
-                fd = conn._transport.get_extra_info("socket").fileno()
-                s = socket.socket(fileno=os.dup(fd))
-                s.shutdown(socket.SHUT_RDWR)
-                s.close()
-
-    def close(self) -> None:
-        for conn in self.conns:
-            with contextlib.suppress(Exception):
-                self._call(conn.close(timeout=10), timeout=15)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 def run_pipeline(side: Side, i: int, statements: list[str]) -> tuple:
@@ -259,14 +188,9 @@ def make_side(srv, which: str, client: str, n: int):
     """The ``n`` sessions of one side ("pgfleet" or "postgres") with ``client``."""
     db = DATABASES[which]
     if client == "asyncpg":
-        if which == "pgfleet":
-            connect = dict(host="127.0.0.1", port=srv.port, user="postgres",
-                           password=PASSWORD, database=db)
-        else:
-            connect = dict(host=srv.socket_dir, port=5432, user="postgres", database=db)
-        return AsyncpgSide(connect, n)
+        return ListeningAsyncpgSide(asyncpg_connect(srv, which == "postgres", db), n)
     dsn = srv.dsn(dbname=db) if which == "pgfleet" else srv.direct_dsn(db)
-    return Side(dsn, [False] * n, {"simple": None, "always": 0}[client])
+    return Side(dsn, [False] * n, CLIENTS[client])
 
 
 # simple: psycopg sends each statement with the simple protocol; always: psycopg with
