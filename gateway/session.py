@@ -838,7 +838,7 @@ class Session(StatementBook, SettingsBook, PinBook, ListenSession, asyncio.Proto
         too (sequence state is not transactional, and DISCARD SEQUENCES runs there),
         unless an INSERT of the session's ran there: its nextval() is the session's."""
         if (link.seq_foreign and link.nothing_of_the_client_outstanding()
-                and (link.status == "I" or link.status == "T" and not link.inserted)):
+                and (link.status == "I" or (link.status == "T" and not link.inserted))):
             self._own_sequences(link)
 
     def on_lease_failed(self, fields: dict[str, str]) -> None:
